@@ -1,0 +1,29 @@
+"""Packaging for lgm-op: the L-GM loss as an MXNet operator with hand-written CPU and CUDA code."""
+from setuptools import setup
+
+CUDA_RUNTIME = ["cupy-cuda12x==13.6.0", "nvidia-cuda-nvrtc-cu12>=12.0,<13"]
+DEMO = ["mlxtend>=0.23", "matplotlib>=3.7", "tqdm>=4.60"]
+
+setup(
+    name="lgm-op",
+    version="0.1.0",
+    description="Large-margin Gaussian mixture (L-GM) loss for MXNet with hand-written "
+                "NumPy/BLAS and CUDA forward and backward",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # The CUDA sources live in the top-level kernels/ folder and are installed as the data-only
+    # package lgm_op.kernels, so an installed copy finds them next to its own code.
+    packages=["lgm_op", "lgm_op.cudasim", "lgm_op.demo", "lgm_op.kernels"],
+    package_dir={"lgm_op.kernels": "kernels"},
+    package_data={
+        "lgm_op.kernels": ["*.cu", "*.cuh"],
+        "lgm_op.cudasim": ["*.h"],
+    },
+    install_requires=["mxnet==1.9.1", "numpy<1.24"],
+    extras_require={
+        "gpu": CUDA_RUNTIME,
+        "demo": DEMO,
+        "test": ["pytest>=7", "pytest-timeout>=2.1"] + DEMO + CUDA_RUNTIME,
+    },
+)
