@@ -37,10 +37,12 @@ def autograd_forward(x, label, mu, log_var, opts, training):
     log_det = F.sum(c, axis=1) * (dim if opts.isotropic else 1)        # (K,)
     half_ld = 0.5 * log_det.expand_dims(0)
     plain = -d - half_ld * float(opts.logdet_logits)
-    if label is None:
+    alpha = opts.margin(training)
+    if label is None:  # label-free form: the predicted class, and no margin
         label = F.stop_gradient(F.argmax(plain, axis=1))
+        alpha = 0.0
     onehot = F.one_hot(label, k, dtype=x.dtype)
-    margin = 1 + opts.margin(training) * onehot
+    margin = 1 + alpha * onehot
     logits = -margin * d - half_ld * float(opts.logdet_logits)
     lkd = F.sum(d * onehot, axis=1) + F.sum(F.broadcast_mul(half_ld, onehot), axis=1) * float(
         opts.logdet_lkd)
@@ -85,7 +87,8 @@ def numpy_forward(x, label, mu, log_var, opts, training):
     _, _, _, d, log_det = _numpy_parts(x, mu, log_var, opts)
     plain = -d - 0.5 * log_det[None] * opts.logdet_logits
     y = np.argmax(plain, axis=1) if label is None else np.asarray(label).astype(np.int64)
-    logits = -_margin(y, opts, training) * d - 0.5 * log_det[None] * opts.logdet_logits
+    # the label-free form has no margin
+    logits = -_margin(y, opts, training and label is not None) * d - 0.5 * log_det[None] * opts.logdet_logits
     rows = np.arange(len(y))
     lkd = d[rows, y] + 0.5 * log_det[y] * opts.logdet_lkd
     return logits, lkd
