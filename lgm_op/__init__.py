@@ -16,7 +16,7 @@ try:
 except ImportError:  # a CuPy-only machine: the kernel layers still work
     _mxnet = None
 
-if _mxnet is not None and False:  # enabled once op.py lands
+if _mxnet is not None:
     from .op import LGMOp, LGMOpProp  # noqa: F401  (registers op_type='lgm')
     from .symbol import lgm  # noqa: F401
     from .gluon import LGMLoss  # noqa: F401

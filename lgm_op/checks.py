@@ -13,8 +13,14 @@ def param_shapes(num_classes, dim, isotropic):
     return (num_classes, dim), (num_classes, 1 if isotropic else dim)
 
 
+def _matches(given, wanted):
+    """Whether a possibly partly-known shape (unknown dims <= 0, as MXNet reports them) fits."""
+    return len(given) == len(wanted) and all(g <= 0 or g == w for g, w in zip(given, wanted))
+
+
 def check_shapes(opts, data_shape, label_shape=None, mean_shape=None, log_var_shape=None):
-    """Check the argument shapes against each other and ``opts``; unknown shapes may be None.
+    """Check the argument shapes against each other and ``opts``; unknown shapes may be None,
+    unknown dimensions of the others may be 0 or -1.
 
     data_shape: (N, D); label_shape: (N,); mean_shape: (K, D); log_var_shape: (K, D) or (K, 1).
     Returns (N, D).
@@ -26,12 +32,12 @@ def check_shapes(opts, data_shape, label_shape=None, mean_shape=None, log_var_sh
     if d < 1:
         raise ValueError(f"lgm: data must have at least one feature column, got shape {data_shape}")
     k = opts.num_classes
-    if label_shape is not None and tuple(label_shape) != (n,):
+    if label_shape is not None and not _matches(tuple(label_shape), (n,)):
         raise ValueError(f"lgm: label must have shape (N,) = ({n},), got {tuple(label_shape)}")
     want_mean, want_log_var = param_shapes(k, d, opts.isotropic)
-    if mean_shape is not None and tuple(mean_shape) != want_mean:
+    if mean_shape is not None and not _matches(tuple(mean_shape), want_mean):
         raise ValueError(f"lgm: mean must have shape (K, D) = {want_mean}, got {tuple(mean_shape)}")
-    if log_var_shape is not None and tuple(log_var_shape) != want_log_var:
+    if log_var_shape is not None and not _matches(tuple(log_var_shape), want_log_var):
         form = "(K, 1) with isotropic=True" if opts.isotropic else "(K, D)"
         raise ValueError(f"lgm: log_var must have shape {form} = {want_log_var}, "
                          f"got {tuple(log_var_shape)}")

@@ -4,6 +4,7 @@ MXNet hands every attribute over as a string; the Gluon block and the symbolic b
 Python values. Both go through :func:`parse_options`, which never evaluates its input as code and
 names the attribute, the expectation and the value in every error (SPEC section 4).
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -48,6 +49,10 @@ class LGMOptions:
     def margin(self, training):
         """The margin in effect: ``alpha`` while training with labels, else 0."""
         return self.alpha if (training and self.with_label) else 0.0
+
+    def replace_alpha(self, alpha):
+        """A copy with another margin (the value a schedule gives at this iteration)."""
+        return self if alpha == self.alpha else dataclasses.replace(self, alpha=float(alpha))
 
     def to_attrs(self):
         """The attributes as the strings MXNet stores in a symbol."""

@@ -1,0 +1,227 @@
+"""The MXNet binding: ``op_type='lgm'`` as a CustomOp / CustomOpProp.
+
+This layer only validates, converts, dispatches on the context and honours ``req``; the math lives
+in ``cpu.py`` (NumPy/BLAS) and ``cuda.py`` (the CUDA kernels). On a CPU context with the
+environment variable ``LGM_OP_CUDASIM=1`` the CUDA kernels run through the CPU simulator
+(``lgm_op.cudasim``), so the whole operator can be tested with the GPU code on a machine without a
+GPU.
+
+Arguments: ``data`` (N, D), ``label`` (N,) (absent when ``with_label=False``), ``mean`` (K, D),
+``log_var`` (K, D) or (K, 1); auxiliary state ``margin_iter`` (1,) when the margin follows a
+schedule. Outputs: ``logits`` (N, K), ``lkd`` (N,).
+"""
+import os
+
+import mxnet as mx
+import numpy as np
+
+from . import errors
+from .checks import check_float_dtype, check_shapes, param_shapes
+from .cpu import lgm_backward_cpu, lgm_forward_cpu
+from .options import ATTRIBUTE_DEFAULTS, parse_options
+from .schedule import SCHEDULE_DEFAULTS, parse_schedule
+
+__all__ = ["LGMOp", "LGMOpProp", "SIMULATOR_ENV"]
+
+SIMULATOR_ENV = "LGM_OP_CUDASIM"
+
+
+def _backend(ctx):
+    """'gpu', 'sim' (the CUDA kernels on the CPU simulator) or 'cpu' (NumPy/BLAS)."""
+    if ctx.device_type == "gpu":
+        return "gpu"
+    return "sim" if os.environ.get(SIMULATOR_ENV, "") == "1" else "cpu"
+
+
+class LGMOp(mx.operator.CustomOp):
+    """One bound instance of the operator; created by :class:`LGMOpProp` for a context."""
+
+    def __init__(self, opts, schedule, backend):
+        super().__init__()
+        self.opts = opts
+        self.schedule = schedule
+        self.backend = backend
+        self._train_opts = opts  # the options (margin included) of the last training forward
+
+    # Each framework-free implementation takes and returns arrays of its own kind.
+    def _functions(self):
+        if self.backend == "cpu":
+            return lgm_forward_cpu, lgm_backward_cpu
+        from .cuda import lgm_backward_cuda, lgm_forward_cuda
+        return lgm_forward_cuda, lgm_backward_cuda
+
+    def _split(self, in_data):
+        if self.opts.with_label:
+            return in_data
+        x, mu, s = in_data
+        return x, None, mu, s
+
+    def _margin(self, is_train, aux):
+        opts = self.opts
+        base = opts.margin(is_train)
+        if not base or self.schedule.is_constant:
+            return opts.replace_alpha(base)
+        iteration = int(aux[0].asscalar())
+        if is_train:
+            aux[0][:] = iteration + 1
+        return opts.replace_alpha(self.schedule.value(base, iteration))
+
+    def forward(self, is_train, req, in_data, out_data, aux):
+        with errors.recording("forward"):
+            opts = self._margin(is_train, aux)
+            if is_train:
+                self._train_opts = opts
+            forward, _ = self._functions()
+            x, label, mu, s = self._split(in_data)
+            arrays = _Arrays(self.backend, x.context)
+            logits, lkd = forward(arrays.read(x), None if label is None else arrays.read(label),
+                                  arrays.read(mu), arrays.read(s), opts, bool(is_train))
+            arrays.write(self, out_data[0], req[0], logits)
+            arrays.write(self, out_data[1], req[1], lkd)
+            arrays.finish()
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        with errors.recording("backward"):
+            opts = self._train_opts
+            _, backward = self._functions()
+            x, label, mu, s = self._split(in_data)
+            arrays = _Arrays(self.backend, x.context)
+            if label is None:  # label-free form: the class the forward predicted
+                y = arrays.xp.argmax(arrays.read(out_data[0]), axis=1)
+            else:
+                y = arrays.read(label)
+            dx, dmu, ds = backward(arrays.read(x), y, arrays.read(mu), arrays.read(s),
+                                   arrays.read(out_grad[0]), arrays.read(out_grad[1]),
+                                   opts, True)
+            grads = [dx, dmu, ds]
+            if opts.with_label:
+                grads.insert(1, None)  # no gradient flows to the label
+            for dst, r, g in zip(in_grad, req, grads):
+                if g is None:
+                    if r in ("write", "inplace"):
+                        dst[:] = 0
+                else:
+                    arrays.write(self, dst, r, g)
+            arrays.finish()
+
+
+class _Arrays:
+    """Moves MXNet NDArrays to the arrays a backend computes on, and results back.
+
+    cpu / sim: NumPy copies (the callback gets host NDArrays). gpu: CuPy views of MXNet's own
+    buffers through DLPack (no copies), on the NDArray's device, synchronised by ``finish``.
+    """
+
+    def __init__(self, backend, ctx):
+        self.backend = backend
+        if backend == "gpu":
+            import cupy
+            self.xp = cupy
+            self._device = cupy.cuda.Device(ctx.device_id)
+            self._device.use()  # the callback thread starts on device 0
+        else:
+            self.xp = np
+
+    def read(self, nd):
+        if self.backend == "gpu":
+            return self.xp.from_dlpack(nd.to_dlpack_for_read())
+        return nd.asnumpy()
+
+    def write(self, op, dst, req, value):
+        if req == "null":
+            return
+        if self.backend == "gpu":
+            view = self.xp.from_dlpack(dst.to_dlpack_for_write())
+            if req == "add":
+                view += value
+            else:
+                view[...] = value
+        else:
+            op.assign(dst, req, mx.nd.array(value, ctx=dst.context, dtype=dst.dtype))
+
+    def finish(self):
+        # MXNet treats outputs as ready once the callback returns: wait for our kernels.
+        if self.backend == "gpu":
+            self.xp.cuda.get_current_stream().synchronize()
+
+
+@mx.operator.register("lgm")
+class LGMOpProp(mx.operator.CustomOpProp):
+    """Shape/type inference and creation of :class:`LGMOp`; attributes as in SPEC section 3."""
+
+    def __init__(self, **attrs):
+        super().__init__(need_top_grad=True)
+        # An exception here would abort the process (MXNet calls this from C++ with no handler):
+        # keep what went wrong and raise it from infer_shape, where MXNet reports it.
+        self._error = None
+        self.opts = None
+        self.schedule = None
+        try:
+            schedule_attrs = {k: v for k, v in attrs.items() if k in SCHEDULE_DEFAULTS}
+            op_attrs = {k: v for k, v in attrs.items() if k not in SCHEDULE_DEFAULTS}
+            self.opts = parse_options(op_attrs)
+            self.schedule = parse_schedule(schedule_attrs)
+        except ValueError as exc:
+            self._error = exc
+        self._with_label = self.opts.with_label if self.opts else str(
+            attrs.get("with_label", "True")).strip().lower() not in ("false", "0")
+        self._with_aux = bool(self.schedule) and not self.schedule.is_constant
+
+    def _check(self):
+        if self._error is not None:
+            errors.note(f"{type(self._error).__name__}: {self._error}")
+            raise self._error
+
+    def list_arguments(self):
+        return ["data", "label", "mean", "log_var"] if self._with_label else [
+            "data", "mean", "log_var"]
+
+    def list_outputs(self):
+        return ["logits", "lkd"]
+
+    def list_auxiliary_states(self):
+        return ["margin_iter"] if self._with_aux else []
+
+    def infer_shape(self, in_shape):
+        self._check()
+        with errors.recording("infer_shape"):
+            shapes = dict(zip(self.list_arguments(), [tuple(s) for s in in_shape]))
+            data = shapes["data"]
+            if len(data) == 2 and min(data) <= 0:
+                raise ValueError(f"lgm: data must have a known, non-zero shape (N, D), got {data} "
+                                 "(MXNet 1.x reads a 0 dimension as unknown, so an empty batch "
+                                 "cannot be bound)")
+            n, dim = check_shapes(self.opts, data,
+                                  shapes.get("label") or None,
+                                  shapes["mean"] or None, shapes["log_var"] or None)
+            mean, log_var = param_shapes(self.opts.num_classes, dim, self.opts.isotropic)
+            args = [data, (n,), mean, log_var] if self._with_label else [data, mean, log_var]
+            aux = [(1,)] if self._with_aux else []
+            return args, [(n, self.opts.num_classes), (n,)], aux
+
+    def infer_type(self, in_type):
+        self._check()
+        with errors.recording("infer_type"):
+            types = dict(zip(self.list_arguments(), in_type))
+            dtype = check_float_dtype("data", types["data"]).type
+            for name in ("mean", "log_var"):
+                given = types[name]
+                if given is not None and np.dtype(given) != dtype:
+                    raise ValueError(f"lgm: {name} must have the dtype of data ({dtype.name}), "
+                                     f"got {np.dtype(given).name}")
+            args = [dtype] * len(in_type)
+            if self._with_label:
+                label = types["label"]
+                if np.dtype(label).kind not in "fiu":
+                    raise ValueError(f"lgm: label must have a real dtype, got {np.dtype(label).name}")
+                args[1] = np.dtype(label).type
+            aux = [dtype] if self._with_aux else []
+            return args, [dtype, dtype], aux
+
+    def create_operator(self, ctx, shapes, dtypes):
+        self._check()
+        return LGMOp(self.opts, self.schedule, _backend(ctx))
+
+
+# Attribute names a user may pass to the Custom node (for the builders' validation).
+ALL_ATTRIBUTES = tuple(ATTRIBUTE_DEFAULTS) + tuple(SCHEDULE_DEFAULTS)
