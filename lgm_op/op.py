@@ -41,7 +41,8 @@ class LGMOp(mx.operator.CustomOp):
         self.opts = opts
         self.schedule = schedule
         self.backend = backend
-        self._train_opts = opts  # the options (margin included) of the last training forward
+        # the options of the last forward, its margin included: backward differentiates that
+        self._last_opts = opts
 
     # Each framework-free implementation takes and returns arrays of its own kind.
     def _functions(self):
@@ -69,8 +70,7 @@ class LGMOp(mx.operator.CustomOp):
     def forward(self, is_train, req, in_data, out_data, aux):
         with errors.recording("forward"):
             opts = self._margin(is_train, aux)
-            if is_train:
-                self._train_opts = opts
+            self._last_opts = opts
             forward, _ = self._functions()
             x, label, mu, s = self._split(in_data)
             arrays = _Arrays(self.backend, x.context)
@@ -82,7 +82,7 @@ class LGMOp(mx.operator.CustomOp):
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
         with errors.recording("backward"):
-            opts = self._train_opts
+            opts = self._last_opts
             _, backward = self._functions()
             x, label, mu, s = self._split(in_data)
             arrays = _Arrays(self.backend, x.context)
@@ -207,7 +207,8 @@ class LGMOpProp(mx.operator.CustomOpProp):
             for name in ("mean", "log_var"):
                 given = types[name]
                 if given is not None and np.dtype(given) != dtype:
-                    raise ValueError(f"lgm: {name} must have the dtype of data ({dtype.name}), "
+                    raise ValueError(f"lgm: {name} must have the dtype of data "
+                                     f"({np.dtype(dtype).name}), "
                                      f"got {np.dtype(given).name}")
             args = [dtype] * len(in_type)
             if self._with_label:
