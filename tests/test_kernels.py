@@ -1,0 +1,255 @@
+"""The CUDA kernels, through ``lgm_forward_cuda`` / ``lgm_backward_cuda``, against the float64
+NumPy reference (SPEC section 5). Framework-free: no MXNet.
+
+Every test body runs on two backends: ``sim`` (NumPy arrays on the CPU simulator, always) and
+``gpu`` (CuPy arrays, skipped without a usable GPU). float64 must agree to rtol 1e-9; float32 is
+judged by the float32 rule against the float64 answer for the same float32-rounded inputs, with
+the reference's broadcasting formula evaluated in float32 as the yardstick.
+"""
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from common import (DTYPES, RTOL64, SHAPES, SMALL_SHAPES, assert_close, assert_float32_rule,
+                    make_inputs, option_sets)
+from lgm_op.cuda import ensure_nvrtc, lgm_backward_cuda, lgm_forward_cuda
+from lgm_op.options import LGMOptions
+from lgm_op.reference import numpy_forward, numpy_grads
+
+NAMES = ("logits", "lkd", "dx", "dmean", "dlog_var")
+
+# Sizes on both sides of the 64-wide tiles and the 16-long steps, with several blocks per grid
+# in each direction; (N, K, D).
+TILE_SHAPES = [(16, 16, 16), (64, 64, 64), (63, 65, 15), (1, 129, 65), (130, 2, 129)]
+# Large enough that the backward kernels split their loops over gridDim.z on the simulator.
+SPLIT_SHAPES = [(257, 1000, 3), (1000, 17, 300)]
+
+
+def shape_id(shape):
+    return "x".join(map(str, shape))
+
+
+def _gpu_skip_reason():
+    try:
+        import cupy
+    except Exception as exc:  # noqa: BLE001 - any import failure means no GPU backend
+        return f"CuPy is not importable ({exc})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - no driver, insufficient driver, ...
+        return f"no usable CUDA device ({exc})"
+    if count == 0:
+        return "no CUDA device"
+    try:
+        ensure_nvrtc()
+    except Exception as exc:  # noqa: BLE001
+        return f"NVRTC is not loadable ({exc})"
+    return None
+
+
+def _sim_skip_reason():
+    from lgm_op import cudasim
+    return None if hasattr(cudasim, "RawModule") else "the CUDA simulator is not built"
+
+
+@pytest.fixture(scope="session", params=["sim", "gpu"])
+def backend(request):
+    """to_device / to_host move NumPy arrays to the backend's arrays and back."""
+    if request.param == "sim":
+        reason = _sim_skip_reason()
+        if reason:
+            pytest.skip(reason)
+        return SimpleNamespace(name="sim", to_device=np.asarray, to_host=np.asarray)
+    reason = _gpu_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    import cupy
+    return SimpleNamespace(name="gpu", to_device=cupy.asarray, to_host=cupy.asnumpy)
+
+
+def run_kernels(backend, inp, opts, training, with_label=True):
+    """(logits, lkd, dx, dmean, dlog_var) as NumPy arrays from the kernels. The label-free form
+    differentiates with the classes it predicted, as the operator does."""
+    dev = {key: backend.to_device(v) for key, v in inp.items()}
+    label = dev["y"] if with_label else None
+    logits, lkd = lgm_forward_cuda(dev["x"], label, dev["mu"], dev["s"], opts, training)
+    used = label if with_label else backend.to_device(np.argmax(backend.to_host(logits), axis=1))
+    grads = lgm_backward_cuda(dev["x"], used, dev["mu"], dev["s"], dev["gz"], dev["gl"], opts,
+                              training)
+    out = tuple(backend.to_host(a) for a in (logits, lkd) + tuple(grads))
+    for name, a in zip(NAMES, out):
+        assert a.dtype == inp["x"].dtype, f"{name}: dtype {a.dtype} != {inp['x'].dtype}"
+    return out
+
+
+def broadcast_reference(inp, opts, training, with_label=True):
+    """SPEC 1-2 by broadcasting, in the inputs' own dtype throughout (the float32 yardstick).
+
+    The same formulas as ``lgm_op.reference.numpy_forward`` / ``numpy_grads``, which always
+    compute in float64.
+    """
+    x, mu, s, gz, gl = (inp[key] for key in ("x", "mu", "s", "gz", "gl"))
+    real = x.dtype.type
+    n, dim = x.shape
+    k = opts.num_classes
+    c = np.clip(s, real(opts.logvar_min), real(opts.logvar_max))
+    iv = np.broadcast_to(np.exp(-c), mu.shape)
+    diff = x[:, None, :] - mu[None]
+    d = real(0.5) * np.sum(diff * diff * iv[None], axis=2)
+    log_det = c[:, 0] * real(dim) if opts.isotropic else c.sum(axis=1)
+    half_ld = real(0.5) * log_det
+    plain = -d - half_ld[None] * real(opts.logdet_logits)
+    y = np.asarray(inp["y"]).astype(np.int64) if with_label else np.argmax(plain, axis=1)
+    onehot = np.arange(k)[None, :] == y[:, None]
+    margin = real(1) + real(opts.margin(training and with_label)) * onehot
+    logits = -margin * d - half_ld[None] * real(opts.logdet_logits)
+    rows = np.arange(n)
+    lkd = d[rows, y] + half_ld[y] * real(opts.logdet_lkd)
+    # backward, with the classes used above and the margin of the training step
+    margin = real(1) + real(opts.margin(training)) * onehot
+    g = -gz * margin + gl[:, None] * onehot
+    g_log_det = (real(-0.5 * opts.logdet_logits) * gz.sum(axis=0)
+                 + real(0.5 * opts.logdet_lkd) * (gl[:, None] * onehot).sum(axis=0))
+    weighted = g[:, :, None] * diff * iv[None]
+    dx = weighted.sum(axis=1)
+    dmu = -weighted.sum(axis=0)
+    ds = real(-0.5) * iv * np.sum(g[:, :, None] * diff * diff, axis=0) + g_log_det[:, None]
+    if opts.isotropic:
+        ds = ds.sum(axis=1, keepdims=True)
+    ds = ds * ((s >= opts.logvar_min) & (s <= opts.logvar_max))
+    return logits, lkd, dx, dmu, ds
+
+
+def float64_answer(inp, opts, training, with_label=True):
+    """The float64 reference for the given (possibly float32-rounded) inputs."""
+    x, mu, s, gz, gl = (inp[key].astype(np.float64) for key in ("x", "mu", "s", "gz", "gl"))
+    logits, lkd = numpy_forward(x, inp["y"] if with_label else None, mu, s, opts, training)
+    y = inp["y"] if with_label else np.argmax(logits, axis=1)
+    return (logits, lkd) + numpy_grads(x, y, mu, s, gz, gl, opts, training)
+
+
+def check_against_reference(backend, inp, opts, training, seed, with_label=True):
+    got = run_kernels(backend, inp, opts, training, with_label)
+    want = float64_answer(inp, opts, training, with_label)
+    context = f"{opts} training={training} label={with_label}"
+    if inp["x"].dtype == np.float64:
+        for name, a, b in zip(NAMES, got, want):
+            assert_close(a, b, RTOL64, f"{name} {context}", seed)
+    else:
+        yardstick = broadcast_reference(inp, opts, training, with_label)
+        for name, a, b, r in zip(NAMES, got, want, yardstick):
+            assert_float32_rule(a, b, r, f"{name} {context}", seed)
+    return got
+
+
+def inputs(rng, shape, dtype, isotropic=False, **kwargs):
+    n, k, d = shape
+    return make_inputs(rng, n, k, d, dtype=dtype, isotropic=isotropic, **kwargs)
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_option(backend, shape, dtype, training, rng, seed):
+    for opts in option_sets(shape[1]):
+        inp = inputs(rng, shape, dtype, opts.isotropic)
+        for with_label in (True, False):
+            check_against_reference(backend, inp, opts, training, seed, with_label)
+
+
+@pytest.mark.parametrize("shape", SHAPES + TILE_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isotropic", [False, True], ids=["diag", "iso"])
+def test_shapes(backend, shape, dtype, isotropic, rng, seed):
+    opts = LGMOptions(num_classes=shape[1], isotropic=isotropic)
+    check_against_reference(backend, inputs(rng, shape, dtype, isotropic), opts, True, seed)
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=shape_id)
+def test_label_free_large(backend, shape, rng, seed):
+    opts = LGMOptions(num_classes=shape[1], with_label=False, logdet_lkd=False)
+    check_against_reference(backend, inputs(rng, shape, "float64"), opts, True, seed,
+                            with_label=False)
+
+
+@pytest.mark.parametrize("label_dtype", [np.float32, np.float64, np.int32, np.int64, np.uint8])
+def test_label_dtypes(backend, label_dtype, rng, seed):
+    inp = inputs(rng, (33, 7, 5), "float64", label_dtype=label_dtype)
+    check_against_reference(backend, inp, LGMOptions(num_classes=7), True, seed)
+
+
+@pytest.mark.parametrize("bad, label_dtype", [
+    (2.5, np.float32), (-1.0, np.float32), (7.0, np.float64), (np.nan, np.float32),
+    (np.inf, np.float64), (-1, np.int32), (7, np.int64)])
+def test_bad_labels(backend, bad, label_dtype, rng):
+    n, k, d = 300, 7, 3
+    inp = inputs(rng, (n, k, d), "float32", label_dtype=label_dtype)
+    where = 260  # in the second block of the check, with a later bad label that must not win
+    inp["y"][where] = bad
+    inp["y"][n - 1] = bad
+    dev = {key: backend.to_device(v) for key, v in inp.items()}
+    opts = LGMOptions(num_classes=k)
+    message = re.escape(f"lgm: label must hold integers in [0, {k}), got ") + r".+" + re.escape(
+        f" at index {where}")
+    with pytest.raises(ValueError, match=message):
+        lgm_forward_cuda(dev["x"], dev["y"], dev["mu"], dev["s"], opts, True)
+    with pytest.raises(ValueError, match=message):
+        lgm_backward_cuda(dev["x"], dev["y"], dev["mu"], dev["s"], dev["gz"], dev["gl"], opts,
+                          True)
+    # the next valid call gives the right answer
+    inp["y"][[where, n - 1]] = 0
+    check_against_reference(backend, inp, opts, True, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_class_only_and_empty_classes(backend, dtype, rng, seed):
+    n, k, d = 70, 70, 9
+    inp = inputs(rng, (n, k, d), dtype)
+    inp["y"][:] = 3  # every sample in class 3; the other 69 classes have none
+    for opts in (LGMOptions(num_classes=k), LGMOptions(num_classes=k, isotropic=True)):
+        inp_opts = dict(inp, s=inputs(rng, (n, k, d), dtype, opts.isotropic)["s"])
+        check_against_reference(backend, inp_opts, opts, True, seed)
+
+
+@pytest.mark.parametrize("isotropic", [False, True], ids=["diag", "iso"])
+def test_clamp_boundaries(backend, isotropic, rng, seed):
+    """Gradient passes on the closed interval [logvar_min, logvar_max] and nowhere outside."""
+    n, k, d = 20, 6, 4
+    inp = inputs(rng, (n, k, d), "float64", isotropic, clamp_some=False)
+    flat = inp["s"].reshape(-1)
+    flat[:4] = [-2.0, 2.0, -2.0 - 1e-12, 2.0 + 1e-12]
+    opts = LGMOptions(num_classes=k, logvar_min=-2.0, logvar_max=2.0, isotropic=isotropic)
+    ds = check_against_reference(backend, inp, opts, True, seed)[4].reshape(-1)
+    assert np.all(ds[:2] != 0) and np.all(ds[2:4] == 0), ds[:4]
+
+
+def test_empty_batch(backend):
+    opts = LGMOptions(num_classes=3)
+    rng = np.random.default_rng(0)
+    inp = inputs(rng, (0, 3, 5), "float32")
+    got = run_kernels(backend, inp, opts, True)
+    assert [a.shape for a in got] == [(0, 3), (0,), (0, 5), (3, 5), (3, 5)]
+    assert all(np.all(a == 0) for a in got[3:])
+
+
+@pytest.mark.parametrize("isotropic", [False, True], ids=["diag", "iso"])
+def test_bitwise_reproducible(backend, isotropic, rng):
+    """The split loops and the isotropic reduction add partials in a fixed order."""
+    inp = inputs(rng, (1000, 17, 300), "float32", isotropic)
+    opts = LGMOptions(num_classes=17, isotropic=isotropic)
+    first = run_kernels(backend, inp, opts, True)
+    second = run_kernels(backend, inp, opts, True)
+    for name, a, b in zip(NAMES, first, second):
+        assert np.array_equal(a, b, equal_nan=True), name
+
+
+def test_nan_in_data_propagates(backend, rng):
+    inp = inputs(rng, (5, 3, 4), "float64")
+    inp["x"][2, 1] = np.nan
+    logits, lkd, dx, dmu, _ = run_kernels(backend, inp, LGMOptions(num_classes=3), True)
+    assert np.isnan(logits[2]).all() and np.isnan(lkd[2]) and np.isnan(dx[2, 1])
+    assert np.isnan(dmu[:, 1]).all()
+    rows = [0, 1, 3, 4]
+    assert np.isfinite(logits[rows]).all() and np.isfinite(dx[rows]).all()
