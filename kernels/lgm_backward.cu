@@ -231,7 +231,9 @@ __device__ __forceinline__ void backward_params_tile(
     }
     __syncthreads();
 
-    // Step 4: dmean, and the bracket of dlog_var (SPEC 2).
+    // Step 4: dmean, and the bracket of dlog_var (SPEC 2). The loops are unrolled by hand-given
+    // pragmas: the shuffle inside keeps the compiler from doing it, and without unrolling the
+    // register arrays p_acc / q_acc would be indexed dynamically and live in local memory.
     const bool final_output = gridDim.z == 1;
     const long long slice = (long long)blockIdx.z * num_classes * dim;
 #pragma unroll
@@ -287,47 +289,91 @@ __device__ __forceinline__ void sum_partials(
 }  // namespace lgm
 
 // Exported entry points, one per dtype (extern "C": no name mangling, found by name).
-// lgm_backward_dx: block 256, grid (ceil(N / 64), ceil(D / 64), class slices).
-// lgm_backward_params: block 256, grid (ceil(K / 64), ceil(D / 64), sample slices).
-// lgm_sum_partials: block 256, grid ceil(len / 256).
-#define LGM_BACKWARD_KERNELS(SUFFIX, T)                                                         \
-    extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_backward_dx_##SUFFIX(      \
-        /* data */                                                                               \
-        const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ log_var,     \
-        const int* __restrict__ label, const T* __restrict__ grad_logits,                       \
-        const T* __restrict__ grad_lkd, T* __restrict__ dx_out,                                  \
-        /* shapes */                                                                             \
-        int n, int num_classes, int dim, int classes_per_split,                                  \
-        /* options */                                                                            \
-        T alpha, T logvar_min, T logvar_max, int isotropic) {                                    \
-        lgm::backward_dx_tile<T>(x, mean, log_var, label, grad_logits, grad_lkd, dx_out, n,      \
-                                 num_classes, dim, classes_per_split, alpha, logvar_min,         \
-                                 logvar_max, isotropic);                                         \
-    }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_backward_params_##SUFFIX(  \
-        /* data */                                                                               \
-        const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ log_var,     \
-        const int* __restrict__ label, const T* __restrict__ grad_logits,                       \
-        const T* __restrict__ grad_lkd, T* __restrict__ dmean_out, T* __restrict__ dlog_var_out, \
-        /* shapes */                                                                             \
-        int n, int num_classes, int dim, int rows_per_split,                                     \
-        /* options */                                                                            \
-        T alpha, T logvar_min, T logvar_max, int logdet_logits, int logdet_lkd, int isotropic) { \
-        lgm::backward_params_tile<T>(x, mean, log_var, label, grad_logits, grad_lkd, dmean_out,  \
-                                     dlog_var_out, n, num_classes, dim, rows_per_split, alpha,   \
-                                     logvar_min, logvar_max, logdet_logits, logdet_lkd,          \
-                                     isotropic);                                                 \
-    }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_sum_partials_##SUFFIX(     \
-        /* data */                                                                               \
-        const T* __restrict__ partial, const T* __restrict__ log_var, T* __restrict__ out,      \
-        /* shapes */                                                                             \
-        long long len, int parts,                                                                \
-        /* options */                                                                            \
-        T logvar_min, T logvar_max, int apply_mask) {                                            \
-        lgm::sum_partials<T>(partial, log_var, out, len, parts, logvar_min, logvar_max,          \
-                             apply_mask);                                                        \
-    }
+// lgm_backward_dx_*: block 256, grid (ceil(N / 64), ceil(D / 64), class slices).
+// lgm_backward_params_*: block 256, grid (ceil(K / 64), ceil(D / 64), sample slices).
+// lgm_sum_partials_*: block 256, grid ceil(len / 256).
 
-LGM_BACKWARD_KERNELS(f32, float)
-LGM_BACKWARD_KERNELS(f64, double)
+extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_backward_dx_f32(
+    // data
+    const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ log_var,
+    const int* __restrict__ label, const float* __restrict__ grad_logits,
+    const float* __restrict__ grad_lkd, float* __restrict__ dx_out,
+    // shapes
+    int n, int num_classes, int dim, int classes_per_split,
+    // options
+    float alpha, float logvar_min, float logvar_max, int isotropic) {
+    lgm::backward_dx_tile<float>(x, mean, log_var, label, grad_logits, grad_lkd, dx_out, n,
+                              num_classes, dim, classes_per_split, alpha, logvar_min, logvar_max,
+                              isotropic);
+}
+
+extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_backward_params_f32(
+    // data
+    const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ log_var,
+    const int* __restrict__ label, const float* __restrict__ grad_logits,
+    const float* __restrict__ grad_lkd, float* __restrict__ dmean_out,
+    float* __restrict__ dlog_var_out,
+    // shapes
+    int n, int num_classes, int dim, int rows_per_split,
+    // options
+    float alpha, float logvar_min, float logvar_max, int logdet_logits, int logdet_lkd,
+    int isotropic) {
+    lgm::backward_params_tile<float>(x, mean, log_var, label, grad_logits, grad_lkd, dmean_out,
+                                  dlog_var_out, n, num_classes, dim, rows_per_split, alpha,
+                                  logvar_min, logvar_max, logdet_logits, logdet_lkd, isotropic);
+}
+
+extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_sum_partials_f32(
+    // data
+    const float* __restrict__ partial, const float* __restrict__ log_var, float* __restrict__ out,
+    // shapes
+    long long len, int parts,
+    // options
+    float logvar_min, float logvar_max, int apply_mask) {
+    lgm::sum_partials<float>(partial, log_var, out, len, parts, logvar_min, logvar_max,
+                          apply_mask);
+}
+
+extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_backward_dx_f64(
+    // data
+    const double* __restrict__ x, const double* __restrict__ mean,
+    const double* __restrict__ log_var,
+    const int* __restrict__ label, const double* __restrict__ grad_logits,
+    const double* __restrict__ grad_lkd, double* __restrict__ dx_out,
+    // shapes
+    int n, int num_classes, int dim, int classes_per_split,
+    // options
+    double alpha, double logvar_min, double logvar_max, int isotropic) {
+    lgm::backward_dx_tile<double>(x, mean, log_var, label, grad_logits, grad_lkd, dx_out, n,
+                              num_classes, dim, classes_per_split, alpha, logvar_min, logvar_max,
+                              isotropic);
+}
+
+extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_backward_params_f64(
+    // data
+    const double* __restrict__ x, const double* __restrict__ mean,
+    const double* __restrict__ log_var,
+    const int* __restrict__ label, const double* __restrict__ grad_logits,
+    const double* __restrict__ grad_lkd, double* __restrict__ dmean_out,
+    double* __restrict__ dlog_var_out,
+    // shapes
+    int n, int num_classes, int dim, int rows_per_split,
+    // options
+    double alpha, double logvar_min, double logvar_max, int logdet_logits, int logdet_lkd,
+    int isotropic) {
+    lgm::backward_params_tile<double>(x, mean, log_var, label, grad_logits, grad_lkd, dmean_out,
+                                  dlog_var_out, n, num_classes, dim, rows_per_split, alpha,
+                                  logvar_min, logvar_max, logdet_logits, logdet_lkd, isotropic);
+}
+
+extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_sum_partials_f64(
+    // data
+    const double* __restrict__ partial, const double* __restrict__ log_var,
+    double* __restrict__ out,
+    // shapes
+    long long len, int parts,
+    // options
+    double logvar_min, double logvar_max, int apply_mask) {
+    lgm::sum_partials<double>(partial, log_var, out, len, parts, logvar_min, logvar_max,
+                          apply_mask);
+}

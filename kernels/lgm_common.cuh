@@ -1,4 +1,4 @@
-// Device helpers and tile sizes shared by the L-GM forward and backward kernels (SPEC sections 1-2).
+// Device helpers and tile sizes shared by the L-GM kernels (SPEC sections 1-2).
 //
 // Every kernel that contracts over N x K x D works on a 64 x 64 output tile with 256 threads: the
 // threads form a 16 x 16 grid and each owns 4 x 4 outputs strided by 16 (rows ty + 16 r, columns

@@ -54,7 +54,7 @@ __device__ __forceinline__ void forward_tile(
             x_tile[ty + 16 * r][tx] = (i < n && j < dim) ? x[(long long)i * dim + j] : T(0);
             const int k = class0 + ty + 16 * r;
             T m = 0;
-            T iv = 0;  // padding contributes (0 - 0)^2 * 0
+            T iv = 0;  // padding classes and features add t^2 * 0
             if (k < num_classes && j < dim) {
                 m = mean[(long long)k * dim + j];
                 const T c = clamp_log_var(log_var_at(log_var, k, j, dim, isotropic), logvar_min,
@@ -162,44 +162,87 @@ __device__ __forceinline__ void lkd_rows(
 }  // namespace lgm
 
 // Exported entry points, one per dtype (extern "C": no name mangling, found by name).
-// lgm_forward / lgm_logits: block 256, grid (ceil(N / 64), ceil(K / 64)).
-// lgm_lkd_rows: block 256 (8 samples), grid ceil(N / 8).
-#define LGM_FORWARD_KERNELS(SUFFIX, T)                                                          \
-    extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_forward_##SUFFIX(          \
-        /* data */                                                                               \
-        const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ log_var,     \
-        const int* __restrict__ label, T* __restrict__ logits, T* __restrict__ lkd,             \
-        /* shapes */                                                                             \
-        int n, int num_classes, int dim,                                                         \
-        /* options */                                                                            \
-        T alpha, T logvar_min, T logvar_max, int logdet_logits, int logdet_lkd, int isotropic) { \
-        lgm::forward_tile<T, true>(x, mean, log_var, label, logits, lkd, n, num_classes, dim,    \
-                                   alpha, logvar_min, logvar_max, logdet_logits, logdet_lkd,     \
-                                   isotropic);                                                   \
-    }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_logits_##SUFFIX(           \
-        /* data */                                                                               \
-        const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ log_var,     \
-        T* __restrict__ logits,                                                                  \
-        /* shapes */                                                                             \
-        int n, int num_classes, int dim,                                                         \
-        /* options */                                                                            \
-        T logvar_min, T logvar_max, int logdet_logits, int isotropic) {                          \
-        lgm::forward_tile<T, false>(x, mean, log_var, nullptr, logits, nullptr, n, num_classes,  \
-                                    dim, T(0), logvar_min, logvar_max, logdet_logits, 0,         \
-                                    isotropic);                                                  \
-    }                                                                                            \
-    extern "C" __global__ void lgm_lkd_rows_##SUFFIX(                                           \
-        /* data */                                                                               \
-        const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ log_var,     \
-        const int* __restrict__ label, T* __restrict__ lkd,                                      \
-        /* shapes */                                                                             \
-        int n, int dim,                                                                          \
-        /* options */                                                                            \
-        T logvar_min, T logvar_max, int logdet_lkd, int isotropic) {                             \
-        lgm::lkd_rows<T>(x, mean, log_var, label, lkd, n, dim, logvar_min, logvar_max,           \
-                         logdet_lkd, isotropic);                                                 \
-    }
+// lgm_forward_* / lgm_logits_*: block 256, grid (ceil(N / 64), ceil(K / 64)).
+// lgm_lkd_rows_*: block 256 (8 samples), grid ceil(N / 8). It has no __launch_bounds__: with one,
+// ptxas squeezes the double version into 40 registers on sm_80 and spills.
 
-LGM_FORWARD_KERNELS(f32, float)
-LGM_FORWARD_KERNELS(f64, double)
+extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_forward_f32(
+    // data
+    const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ log_var, const int* __restrict__ label, float* __restrict__ logits,
+    float* __restrict__ lkd,
+    // shapes
+    int n, int num_classes, int dim,
+    // options
+    float alpha, float logvar_min, float logvar_max, int logdet_logits, int logdet_lkd,
+    int isotropic) {
+    lgm::forward_tile<float, true>(x, mean, log_var, label, logits, lkd, n, num_classes, dim,
+                                   alpha, logvar_min, logvar_max, logdet_logits, logdet_lkd,
+                                   isotropic);
+}
+
+extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_forward_f64(
+    // data
+    const double* __restrict__ x, const double* __restrict__ mean,
+    const double* __restrict__ log_var, const int* __restrict__ label,
+    double* __restrict__ logits, double* __restrict__ lkd,
+    // shapes
+    int n, int num_classes, int dim,
+    // options
+    double alpha, double logvar_min, double logvar_max, int logdet_logits, int logdet_lkd,
+    int isotropic) {
+    lgm::forward_tile<double, true>(x, mean, log_var, label, logits, lkd, n, num_classes, dim,
+                                    alpha, logvar_min, logvar_max, logdet_logits, logdet_lkd,
+                                    isotropic);
+}
+
+extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_logits_f32(
+    // data
+    const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ log_var, float* __restrict__ logits,
+    // shapes
+    int n, int num_classes, int dim,
+    // options
+    float logvar_min, float logvar_max, int logdet_logits, int isotropic) {
+    lgm::forward_tile<float, false>(x, mean, log_var, nullptr, logits, nullptr, n, num_classes,
+                                    dim, 0.0f, logvar_min, logvar_max, logdet_logits, 0,
+                                    isotropic);
+}
+
+extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_logits_f64(
+    // data
+    const double* __restrict__ x, const double* __restrict__ mean,
+    const double* __restrict__ log_var, double* __restrict__ logits,
+    // shapes
+    int n, int num_classes, int dim,
+    // options
+    double logvar_min, double logvar_max, int logdet_logits, int isotropic) {
+    lgm::forward_tile<double, false>(x, mean, log_var, nullptr, logits, nullptr, n, num_classes,
+                                     dim, 0.0, logvar_min, logvar_max, logdet_logits, 0,
+                                     isotropic);
+}
+
+extern "C" __global__ void lgm_lkd_rows_f32(
+    // data
+    const float* __restrict__ x, const float* __restrict__ mean,
+    const float* __restrict__ log_var, const int* __restrict__ label, float* __restrict__ lkd,
+    // shapes
+    int n, int dim,
+    // options
+    float logvar_min, float logvar_max, int logdet_lkd, int isotropic) {
+    lgm::lkd_rows<float>(x, mean, log_var, label, lkd, n, dim, logvar_min, logvar_max, logdet_lkd,
+                         isotropic);
+}
+
+extern "C" __global__ void lgm_lkd_rows_f64(
+    // data
+    const double* __restrict__ x, const double* __restrict__ mean,
+    const double* __restrict__ log_var, const int* __restrict__ label,
+    double* __restrict__ lkd,
+    // shapes
+    int n, int dim,
+    // options
+    double logvar_min, double logvar_max, int logdet_lkd, int isotropic) {
+    lgm::lkd_rows<double>(x, mean, log_var, label, lkd, n, dim, logvar_min, logvar_max,
+                          logdet_lkd, isotropic);
+}

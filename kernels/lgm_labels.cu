@@ -26,16 +26,36 @@ __device__ __forceinline__ void labels_to_int32(
 
 }  // namespace lgm
 
-#define LGM_LABEL_KERNEL(SUFFIX, L)                                                              \
-    extern "C" __global__ void lgm_labels_##SUFFIX(                                              \
-        /* data */                                                                               \
-        const L* __restrict__ label, int* __restrict__ label_out, int* __restrict__ first_bad,  \
-        /* shapes */                                                                             \
-        int n, int num_classes) {                                                                \
-        lgm::labels_to_int32<L>(label, label_out, first_bad, n, num_classes);                    \
-    }
+// Exported entry points, one per label dtype (extern "C": no name mangling, found by name).
 
-LGM_LABEL_KERNEL(f32, float)
-LGM_LABEL_KERNEL(f64, double)
-LGM_LABEL_KERNEL(i32, int)
-LGM_LABEL_KERNEL(i64, long long)
+extern "C" __global__ void lgm_labels_f32(
+    // data
+    const float* __restrict__ label, int* __restrict__ label_out, int* __restrict__ first_bad,
+    // shapes
+    int n, int num_classes) {
+    lgm::labels_to_int32<float>(label, label_out, first_bad, n, num_classes);
+}
+
+extern "C" __global__ void lgm_labels_f64(
+    // data
+    const double* __restrict__ label, int* __restrict__ label_out, int* __restrict__ first_bad,
+    // shapes
+    int n, int num_classes) {
+    lgm::labels_to_int32<double>(label, label_out, first_bad, n, num_classes);
+}
+
+extern "C" __global__ void lgm_labels_i32(
+    // data
+    const int* __restrict__ label, int* __restrict__ label_out, int* __restrict__ first_bad,
+    // shapes
+    int n, int num_classes) {
+    lgm::labels_to_int32<int>(label, label_out, first_bad, n, num_classes);
+}
+
+extern "C" __global__ void lgm_labels_i64(
+    // data
+    const long long* __restrict__ label, int* __restrict__ label_out, int* __restrict__ first_bad,
+    // shapes
+    int n, int num_classes) {
+    lgm::labels_to_int32<long long>(label, label_out, first_bad, n, num_classes);
+}

@@ -22,6 +22,7 @@ CuPy is imported lazily: ``import lgm_op.cuda`` needs neither CuPy nor a GPU.
 """
 import contextlib
 import ctypes
+import functools
 import glob
 import importlib.util
 import os
@@ -78,9 +79,23 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=None)
+def _source(file_name):
+    """(text, digest) of kernels/<file_name> with its includes expanded."""
+    text = load_source(file_name)
+    return text, source_hash(text)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id):
+    from cupy.cuda import runtime
+    return runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device_id)
+
+
 class _Backend:
     """Where kernels run: xp (the array module), compiled modules and the launch call."""
 
+    # (device id or None for the simulator, source digest) -> module
     _modules = {}
 
     def __init__(self, x):
@@ -94,7 +109,7 @@ class _Backend:
                 raise TypeError(f"lgm: expected CuPy or NumPy arrays, got {type(x).__name__}")
             self.xp = cupy
             self.device_id = x.device.id
-            self.sm_count = cupy.cuda.Device(self.device_id).attributes["MultiProcessorCount"]
+            self.sm_count = _sm_count(self.device_id)
 
     def device(self):
         """Context making the inputs' GPU current (kernels launch on its current stream)."""
@@ -103,8 +118,8 @@ class _Backend:
         return self.xp.cuda.Device(self.device_id)
 
     def function(self, file_name, name):
-        source = load_source(file_name)
-        key = (self.device_id, source_hash(source))
+        source, digest = _source(file_name)
+        key = (self.device_id, digest)
         module = self._modules.get(key)
         if module is None:
             if self.device_id is None:

@@ -12,11 +12,15 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 {
 echo "== environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python -c 'import sys, numpy, cupy; print("python", sys.version.split()[0], "| numpy", numpy.__version__, "| cupy", cupy.__version__, "| CUDA runtime", cupy.cuda.runtime.runtimeGetVersion())'
+python -c 'import sys, numpy, cupy; print("python", sys.version.split()[0], "| numpy",
+numpy.__version__, "| cupy", cupy.__version__, "| CUDA runtime",
+cupy.cuda.runtime.runtimeGetVersion())'
 git rev-parse --short HEAD 2>/dev/null
 
-echo "== tests: tests/test_kernels.py -k gpu"
+echo "== tests: tests/test_kernels.py -k gpu, then the NVRTC compile and resource table"
 python -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu --durations=10
+echo "pytest exit status: $?"
+python -m pytest -q -s -p no:cacheprovider tests/test_nvrtc.py
 echo "pytest exit status: $?"
 
 echo "== timing"
@@ -75,7 +79,8 @@ def time_ms(fn, repeats=20, warmup=3):
 
 # arithmetic per (i, k, j): forward 3 (subtract, multiply, fma), dx 3, dmean/dlog_var 4
 elements = float(n) * k * d
-print(f"(N, K, D) = ({n}, {k}, {d}) float32, {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
+name = cupy.cuda.runtime.getDeviceProperties(dev["x"].device.id)["name"].decode()
+print(f"(N, K, D) = ({n}, {k}, {d}) float32 on {name}")
 for name, fn, work in (("forward", forward, 3 * elements), ("backward", backward, 7 * elements),
                        ("forward+backward", lambda: (forward(), backward()), 10 * elements)):
     med, lo, hi = time_ms(fn)
