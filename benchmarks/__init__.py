@@ -1,0 +1,1 @@
+"""Benchmark scripts of lgm-op (run them as scripts; see each module's docstring)."""

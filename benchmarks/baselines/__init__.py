@@ -1,0 +1,1 @@
+"""Baseline implementations the GPU benchmark compares the lgm kernels with."""
