@@ -167,9 +167,10 @@ class _Call:
         self.dtype = dtype
         self.real = dtype.type  # kernel scalars in the compute dtype
         self.suffix = "f32" if dtype == np.float32 else "f64"
-        self.x = xp.ascontiguousarray(x)
-        self.mu = xp.ascontiguousarray(mu, dtype=dtype)
-        self.log_var = xp.ascontiguousarray(log_var, dtype=dtype)
+        with self.be.device():  # any copy lands on the inputs' GPU
+            self.x = xp.ascontiguousarray(x)
+            self.mu = xp.ascontiguousarray(mu, dtype=dtype)
+            self.log_var = xp.ascontiguousarray(log_var, dtype=dtype)
         self.n, self.dim = x.shape
         self.k = opts.num_classes
         self.opts = opts

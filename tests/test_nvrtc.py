@@ -30,10 +30,12 @@ EXPECTED_KERNELS = {
 
 
 def _compile(file_name, arch, extra=()):
-    """(log, program) after compiling kernels/<file_name> for ``arch`` (compute_XX or sm_XX)."""
+    """(log, program) after compiling kernels/<file_name> for ``arch`` (compute_XX or sm_XX),
+    with the options the launchers give ``cupy.RawModule`` and the -ftz=true CuPy adds."""
     prog = nvrtc.createProgram(load_source(file_name), file_name, [], [])
+    options = list(NVRTC_OPTIONS) + ["-ftz=true", f"-arch={arch}"] + list(extra)
     try:
-        nvrtc.compileProgram(prog, list(NVRTC_OPTIONS) + [f"-arch={arch}"] + list(extra))
+        nvrtc.compileProgram(prog, options)
     except nvrtc.NVRTCError as exc:
         raise AssertionError(f"{file_name} for {arch}: {exc}\n{nvrtc.getProgramLog(prog)}")
     return nvrtc.getProgramLog(prog).replace("\x00", ""), prog
