@@ -68,49 +68,52 @@ def autograd_grads(x, label, mu, log_var, grad_logits, grad_lkd, opts, training)
     return (logits.asnumpy(), lkd.asnumpy()) + tuple(a.grad.asnumpy() for a in args)
 
 
-def _numpy_parts(x, mu, log_var, opts):
-    s = np.asarray(log_var, dtype=np.float64)
-    c = np.clip(s, opts.logvar_min, opts.logvar_max)
+def _numpy_parts(x, mu, log_var, opts, dtype):
+    real = np.dtype(dtype).type
+    s = np.asarray(log_var, dtype=dtype)
+    c = np.clip(s, real(opts.logvar_min), real(opts.logvar_max))
     iv = np.broadcast_to(np.exp(-c), np.shape(mu))
-    diff = np.asarray(x, np.float64)[:, None, :] - np.asarray(mu, np.float64)[None, :, :]
-    d = 0.5 * np.sum(diff * diff * iv[None], axis=2)
-    log_det = c.sum(axis=1) * (np.shape(x)[1] if opts.isotropic else 1)
-    return s, iv, diff, d, log_det
+    diff = np.asarray(x, dtype)[:, None, :] - np.asarray(mu, dtype)[None, :, :]
+    d = real(0.5) * np.sum(diff * diff * iv[None], axis=2)
+    log_det = c[:, 0] * real(np.shape(x)[1]) if opts.isotropic else c.sum(axis=1)
+    return real, s, iv, diff, d, real(0.5) * log_det
 
 
-def _margin(y, opts, training):
-    return 1 + opts.margin(training) * (np.arange(opts.num_classes)[None, :] == y[:, None])
+def _margin(y, opts, training, real):
+    return real(1) + real(opts.margin(training)) * (np.arange(opts.num_classes)[None, :] == y[:, None])
 
 
-def numpy_forward(x, label, mu, log_var, opts, training):
-    """logits: (N, K), lkd: (N,) in float64, by broadcasting. label: (N,) ints, or None."""
-    _, _, _, d, log_det = _numpy_parts(x, mu, log_var, opts)
-    plain = -d - 0.5 * log_det[None] * opts.logdet_logits
+def numpy_forward(x, label, mu, log_var, opts, training, dtype=np.float64):
+    """logits: (N, K), lkd: (N,) by broadcasting, computed in ``dtype`` throughout (float64 for
+    the answer; float32 gives the yardstick of the float32 rule). label: (N,) ints, or None."""
+    real, _, _, _, d, half_ld = _numpy_parts(x, mu, log_var, opts, dtype)
+    plain = -d - half_ld[None] * real(opts.logdet_logits)
     y = np.argmax(plain, axis=1) if label is None else np.asarray(label).astype(np.int64)
     # the label-free form has no margin
-    logits = -_margin(y, opts, training and label is not None) * d - 0.5 * log_det[None] * opts.logdet_logits
+    margin = _margin(y, opts, training and label is not None, real)
+    logits = -margin * d - half_ld[None] * real(opts.logdet_logits)
     rows = np.arange(len(y))
-    lkd = d[rows, y] + 0.5 * log_det[y] * opts.logdet_lkd
+    lkd = d[rows, y] + half_ld[y] * real(opts.logdet_lkd)
     return logits, lkd
 
 
-def numpy_grads(x, label, mu, log_var, grad_logits, grad_lkd, opts, training):
-    """dx: (N, D), dmu: (K, D), dlog_var: like log_var, in float64, term by term from SPEC 2.
+def numpy_grads(x, label, mu, log_var, grad_logits, grad_lkd, opts, training, dtype=np.float64):
+    """dx: (N, D), dmu: (K, D), dlog_var: like log_var, term by term from SPEC 2, in ``dtype``.
 
     label: (N,) ints (for the label-free form, the predicted classes).
     """
-    s, iv, diff, _, _ = _numpy_parts(x, mu, log_var, opts)
+    real, s, iv, diff, _, _ = _numpy_parts(x, mu, log_var, opts, dtype)
     y = np.asarray(label).astype(np.int64)
-    gz = np.asarray(grad_logits, np.float64)
-    gl = np.asarray(grad_lkd, np.float64)
+    gz = np.asarray(grad_logits, dtype)
+    gl = np.asarray(grad_lkd, dtype)
     onehot = np.arange(opts.num_classes)[None, :] == y[:, None]
-    g = -gz * _margin(y, opts, training) + gl[:, None] * onehot
-    g_log_det = (-0.5 * opts.logdet_logits * gz.sum(axis=0)
-                 + 0.5 * opts.logdet_lkd * (gl[:, None] * onehot).sum(axis=0))
+    g = -gz * _margin(y, opts, training, real) + gl[:, None] * onehot
+    g_log_det = (real(-0.5 * opts.logdet_logits) * gz.sum(axis=0)
+                 + real(0.5 * opts.logdet_lkd) * (gl[:, None] * onehot).sum(axis=0))
     weighted = g[:, :, None] * diff * iv[None]
     dx = weighted.sum(axis=1)
     dmu = -weighted.sum(axis=0)
-    ds = -0.5 * iv * np.sum(g[:, :, None] * diff * diff, axis=0) + g_log_det[:, None]
+    ds = real(-0.5) * iv * np.sum(g[:, :, None] * diff * diff, axis=0) + g_log_det[:, None]
     if opts.isotropic:
         ds = ds.sum(axis=1, keepdims=True)
     ds = ds * ((s >= opts.logvar_min) & (s <= opts.logvar_max))

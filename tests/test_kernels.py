@@ -84,50 +84,19 @@ def run_kernels(backend, inp, opts, training, with_label=True):
     return out
 
 
-def broadcast_reference(inp, opts, training, with_label=True):
-    """SPEC 1-2 by broadcasting, in the inputs' own dtype throughout (the float32 yardstick).
-
-    The same formulas as ``lgm_op.reference.numpy_forward`` / ``numpy_grads``, which always
-    compute in float64.
-    """
+def broadcast_reference(inp, opts, training, with_label=True, dtype=None):
+    """SPEC 1-2 by broadcasting, in ``dtype`` (default: the inputs' own, the float32 yardstick)."""
+    dtype = inp["x"].dtype if dtype is None else dtype
     x, mu, s, gz, gl = (inp[key] for key in ("x", "mu", "s", "gz", "gl"))
-    real = x.dtype.type
-    n, dim = x.shape
-    k = opts.num_classes
-    c = np.clip(s, real(opts.logvar_min), real(opts.logvar_max))
-    iv = np.broadcast_to(np.exp(-c), mu.shape)
-    diff = x[:, None, :] - mu[None]
-    d = real(0.5) * np.sum(diff * diff * iv[None], axis=2)
-    log_det = c[:, 0] * real(dim) if opts.isotropic else c.sum(axis=1)
-    half_ld = real(0.5) * log_det
-    plain = -d - half_ld[None] * real(opts.logdet_logits)
-    y = np.asarray(inp["y"]).astype(np.int64) if with_label else np.argmax(plain, axis=1)
-    onehot = np.arange(k)[None, :] == y[:, None]
-    margin = real(1) + real(opts.margin(training and with_label)) * onehot
-    logits = -margin * d - half_ld[None] * real(opts.logdet_logits)
-    rows = np.arange(n)
-    lkd = d[rows, y] + half_ld[y] * real(opts.logdet_lkd)
-    # backward, with the classes used above and the margin of the training step
-    margin = real(1) + real(opts.margin(training)) * onehot
-    g = -gz * margin + gl[:, None] * onehot
-    g_log_det = (real(-0.5 * opts.logdet_logits) * gz.sum(axis=0)
-                 + real(0.5 * opts.logdet_lkd) * (gl[:, None] * onehot).sum(axis=0))
-    weighted = g[:, :, None] * diff * iv[None]
-    dx = weighted.sum(axis=1)
-    dmu = -weighted.sum(axis=0)
-    ds = real(-0.5) * iv * np.sum(g[:, :, None] * diff * diff, axis=0) + g_log_det[:, None]
-    if opts.isotropic:
-        ds = ds.sum(axis=1, keepdims=True)
-    ds = ds * ((s >= opts.logvar_min) & (s <= opts.logvar_max))
-    return logits, lkd, dx, dmu, ds
+    logits, lkd = numpy_forward(x, inp["y"] if with_label else None, mu, s, opts, training,
+                                dtype=dtype)
+    y = inp["y"] if with_label else np.argmax(logits, axis=1)
+    return (logits, lkd) + numpy_grads(x, y, mu, s, gz, gl, opts, training, dtype=dtype)
 
 
 def float64_answer(inp, opts, training, with_label=True):
     """The float64 reference for the given (possibly float32-rounded) inputs."""
-    x, mu, s, gz, gl = (inp[key].astype(np.float64) for key in ("x", "mu", "s", "gz", "gl"))
-    logits, lkd = numpy_forward(x, inp["y"] if with_label else None, mu, s, opts, training)
-    y = inp["y"] if with_label else np.argmax(logits, axis=1)
-    return (logits, lkd) + numpy_grads(x, y, mu, s, gz, gl, opts, training)
+    return broadcast_reference(inp, opts, training, with_label, dtype=np.float64)
 
 
 def check_against_reference(backend, inp, opts, training, seed, with_label=True):
