@@ -1,0 +1,425 @@
+"""A CPU simulator that compiles and runs unmodified CUDA kernel source with g++.
+
+The classes mirror CuPy's ``RawModule`` / ``RawKernel`` so that one launcher drives either a GPU or
+this simulator::
+
+    mod = cudasim.RawModule(code=source, options=("-DTILE=16",))
+    fn = mod.get_function("lgm_forward_f32")          # an extern "C" __global__ function
+    fn(grid, block, (x_array, np.int32(n)), shared_mem=0)
+
+Each CUDA thread runs as a fiber; blocks run one after another. See ``cudasim.h`` for the execution
+model and the faults that are detected (raised as :class:`SimError`). Arguments are checked against
+the parameter types of the compiled kernel: arrays (C-contiguous NumPy arrays of the matching dtype)
+for pointers, NumPy scalars of the exact type for values.
+
+Compiled modules are cached in ``$XDG_CACHE_HOME/lgm_op/cudasim`` (or ``~/.cache/lgm_op/cudasim``).
+Nothing here imports MXNet or CuPy.
+"""
+import ctypes
+import hashlib
+import os
+import platform
+import re
+import subprocess
+import tempfile
+import threading
+from collections import namedtuple
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["RawModule", "RawKernel", "SimError", "CompileError", "asan_env", "cache_dir",
+           "compile_count", "kernel_names"]
+
+CXX = "g++"
+HEADER = Path(__file__).with_name("cudasim.h")
+
+# -ffp-contract=off: no implicit fused multiply-add (see cudasim.h); -fno-gnu-unique and hidden
+# visibility keep every module's statics (its shared memory) its own; -fdata-sections gives each
+# function-local static its own section, which the linker script below gathers as shared memory.
+CXXFLAGS = ("-std=c++20", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-gnu-unique",
+            "-fdata-sections", "-ffp-contract=off", "-fno-math-errno", "-fno-strict-aliasing")
+if platform.machine() in ("x86_64", "AMD64"):
+    # The fiber switch returns into code it never called, which a CET shadow stack would reject.
+    CXXFLAGS += ("-fcf-protection=none",)
+ASAN_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")
+
+LINKER_SCRIPT = """\
+SECTIONS
+{
+  cudasim_shared : {
+    PROVIDE_HIDDEN(__start_cudasim_shared = .);
+    KEEP(*(cudasim_shared))
+    *(.bss._ZZ*)
+    PROVIDE_HIDDEN(__stop_cudasim_shared = .);
+  }
+}
+INSERT BEFORE .bss;
+"""
+
+# extern "C" __global__ [__launch_bounds__(...)] void [__launch_bounds__(...)] NAME(
+_BOUNDS = r'(?:__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)\s*)?'
+_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+' + _BOUNDS + r'void\s+' + _BOUNDS + r'([A-Za-z_]\w*)\s*\(')
+_COMMENT = re.compile(r'//[^\n]*|/\*.*?\*/', re.S)
+_EXTERN_SHARED = re.compile(r'\bextern\s+__shared__\s+([^;\[\]{}()]*?(?:__align__\s*\(\s*\d+\s*\)[^;\[\]{}()]*?)?)'
+                            r'\s*\b([A-Za-z_]\w*)\s*\[\s*\]\s*;')
+_ALIGN = re.compile(r'__align__\s*\(\s*\d+\s*\)')
+
+_DTYPE_OF_CODE = {"f4": "float32", "f8": "float64", "i1": "int8", "i2": "int16", "i4": "int32",
+                  "i8": "int64", "u1": "uint8", "u2": "uint16", "u4": "uint32", "u8": "uint64",
+                  "b1": "bool_"}
+
+Param = namedtuple("Param", "code ctype")
+
+
+class SimError(RuntimeError):
+    """A fault detected while simulating a launch (divergent barrier, deadlock, bad configuration)."""
+
+
+class CompileError(RuntimeError):
+    """g++ rejected the kernel source; the message carries the compiler output."""
+
+
+_count_lock = threading.Lock()
+_compiles = 0
+
+
+def compile_count():
+    """How many modules this process has compiled (cache hits do not count)."""
+    return _compiles
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiler, cache directory, AddressSanitizer
+# ------------------------------------------------------------------------------------------------
+def _compiler_env():
+    """The environment for g++: without a preloaded AddressSanitizer runtime."""
+    env = dict(os.environ)
+    kept = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "libasan" not in p]
+    if kept:
+        env["LD_PRELOAD"] = ":".join(kept)
+    else:
+        env.pop("LD_PRELOAD", None)
+    return env
+
+
+def _run_cxx(*args):
+    try:
+        return subprocess.run([CXX, *args], capture_output=True, text=True, env=_compiler_env())
+    except FileNotFoundError:
+        raise CompileError(f"cudasim: the C++ compiler {CXX!r} was not found") from None
+
+
+@lru_cache(maxsize=None)
+def _compiler_id():
+    version = _run_cxx("--version").stdout.splitlines()
+    machine = _run_cxx("-dumpmachine").stdout.strip()
+    return (version[0] if version else "unknown") + " " + machine
+
+
+def cache_dir():
+    """The per-user directory of compiled modules, created with mode 0700.
+
+    Refuses a directory that belongs to another user or that others may write to.
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    path = Path(base)
+    for part in ("lgm_op", "cudasim"):
+        path = path / part
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    st = os.stat(path)
+    if not os.path.isdir(path):
+        raise RuntimeError(f"cudasim: cache path {path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise RuntimeError(f"cudasim: refusing cache directory {path}: it is owned by uid {st.st_uid}, "
+                           f"not by the current user (uid {os.getuid()})")
+    if st.st_mode & 0o022:
+        raise RuntimeError(f"cudasim: refusing cache directory {path}: it is writable by other users "
+                           f"(mode {st.st_mode & 0o777:o}); run chmod 700 on it")
+    return path
+
+
+def _libasan():
+    out = _run_cxx("-print-file-name=libasan.so").stdout.strip()
+    if not os.path.isabs(out) or not os.path.exists(out):
+        return None
+    return os.path.realpath(out)
+
+
+def asan_env():
+    """Environment variables for a child process that loads modules built with ``sanitize=True``.
+
+    Use as ``subprocess.run(..., env={**os.environ, **cudasim.asan_env()})``. Raises RuntimeError when
+    g++ has no AddressSanitizer runtime.
+    """
+    lib = _libasan()
+    if lib is None:
+        raise RuntimeError(f"cudasim: {CXX} has no AddressSanitizer runtime (libasan.so not found)")
+    preload = ":".join(p for p in (lib, os.environ.get("LD_PRELOAD", "")) if p)
+    options = ":".join(p for p in ("detect_leaks=0:halt_on_error=1:detect_stack_use_after_return=0",
+                                   os.environ.get("ASAN_OPTIONS", "")) if p)
+    return {"LD_PRELOAD": preload, "ASAN_OPTIONS": options}
+
+
+def _asan_loaded():
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return "libasan" in f.read()
+    except OSError:
+        return "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
+# ------------------------------------------------------------------------------------------------
+# Source preparation and compilation
+# ------------------------------------------------------------------------------------------------
+def kernel_names(code):
+    """The extern "C" __global__ functions defined or declared in ``code``, in order."""
+    text = _COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), code)
+    names = []
+    for m in _KERNEL.finditer(text):
+        if m.group(1) not in names:
+            names.append(m.group(1))
+    return names
+
+
+def _rewrite_extern_shared(code):
+    """``extern __shared__ T name[];`` -> a pointer into the per-module dynamic shared buffer."""
+    def repl(m):
+        ctype = " ".join(_ALIGN.sub(" ", m.group(1)).split())
+        if not ctype:
+            return m.group(0)
+        text = f"{ctype}* const {m.group(2)} = static_cast<{ctype}*>(::cudasim::dynamic_shared());"
+        return text + "\n" * m.group(0).count("\n")   # keep the line numbers of what follows
+    return _EXTERN_SHARED.sub(repl, code)
+
+
+def _macro_flags(options):
+    """The -D/-U options among NVRTC-style options; the others (-arch, --use_fast_math, ...) have no
+    meaning for g++ and are ignored."""
+    if isinstance(options, str):
+        options = (options,)
+    flags = []
+    for opt in options:
+        if not isinstance(opt, str):
+            raise TypeError(f"cudasim: options must be strings, got {opt!r}")
+        for prefix, flag in (("--define-macro=", "-D"), ("--undefine-macro=", "-U"), ("-D", "-D"), ("-U", "-U")):
+            if opt.startswith(prefix) and len(opt) > len(prefix):
+                flags.append(flag + opt[len(prefix):])
+                break
+    return flags
+
+
+def _translation_unit(code, names):
+    entries = []
+    for name in names:
+        entries.append(
+            f'extern "C" __attribute__((visibility("default"))) int cudasim_launch__{name}('
+            f'void* const* a, const long long* c, unsigned long long s, char* e, unsigned long long n)\n'
+            f'{{ return ::cudasim::launch(&{name}, "{name}", a, c, s, e, n); }}\n'
+            f'extern "C" __attribute__((visibility("default"))) unsigned long long cudasim_signature__{name}('
+            f'char* b, unsigned long long n)\n'
+            f'{{ return ::cudasim::signature(&{name}, b, n); }}\n')
+    return ('#include "cudasim.h"\n#line 1 "kernel.cu"\n' + _rewrite_extern_shared(code) +
+            '\n#line 1 "cudasim-entries"\n' + "".join(entries))
+
+
+def _build(source, flags, rebuild=False):
+    """Compile ``source`` (or find it in the cache); returns the path of the shared object."""
+    global _compiles
+    header = HEADER.read_text(encoding="utf-8")
+    key = hashlib.sha256("\0".join((source, header, LINKER_SCRIPT, _compiler_id(), *flags)).encode()).hexdigest()
+    folder = cache_dir()
+    target = folder / f"cudasim-{key[:32]}.so"
+    if target.exists() and not rebuild:
+        return target
+    with tempfile.TemporaryDirectory(dir=folder, prefix="build-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "cudasim.h").write_text(header, encoding="utf-8")
+        (tmp / "module.cpp").write_text(source, encoding="utf-8")
+        (tmp / "shared.ld").write_text(LINKER_SCRIPT, encoding="utf-8")
+        out = tmp / "module.so"
+        proc = _run_cxx(*flags, "-I", str(tmp), "-Xlinker", "-T", "-Xlinker", str(tmp / "shared.ld"),
+                        "-o", str(out), str(tmp / "module.cpp"))
+        if proc.returncode != 0:
+            raise CompileError("cudasim: g++ failed to compile the kernel source:\n" + proc.stderr.strip())
+        os.replace(out, target)   # atomic: concurrent builders of one key both end with a whole file
+    with _count_lock:
+        _compiles += 1
+    return target
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules and kernels
+# ------------------------------------------------------------------------------------------------
+class RawModule:
+    """Compiles CUDA source for the CPU simulator; ``get_function`` returns its kernels.
+
+    ``code``: CUDA source whose kernels are ``extern "C" __global__`` functions (instantiate
+    templates behind such wrappers). ``options``: NVRTC-style options; only macro definitions
+    (``-DNAME=VALUE``, ``-UNAME``) matter here. ``sanitize``: build with AddressSanitizer; the process
+    must then run with the environment from :func:`asan_env`.
+    """
+
+    def __init__(self, code=None, *, options=(), sanitize=False, backend="nvrtc", name_expressions=None,
+                 jitify=False, translate_cucomplex=False, enable_cooperative_groups=False, path=None):
+        if path is not None or code is None:
+            raise ValueError("cudasim: RawModule needs the source text as code=...")
+        if name_expressions:
+            raise ValueError("cudasim: name_expressions is not supported; wrap template instances in "
+                             "extern \"C\" __global__ functions")
+        if not isinstance(code, str):
+            raise TypeError("cudasim: code must be a str")
+        if sanitize and not _asan_loaded():
+            raise RuntimeError("cudasim: sanitize=True needs the AddressSanitizer runtime preloaded; run the "
+                               "process with the environment from cudasim.asan_env()")
+        self.code = code
+        self.options = tuple([options] if isinstance(options, str) else options)
+        self.sanitize = bool(sanitize)
+        self.kernel_names = tuple(kernel_names(code))
+        flags = (*CXXFLAGS, *(ASAN_FLAGS if sanitize else ()), *_macro_flags(self.options))
+        source = _translation_unit(code, self.kernel_names)
+        self.path = _build(source, flags)
+        try:
+            self._lib = ctypes.CDLL(str(self.path))
+        except OSError:   # a damaged cache entry: build it again
+            self.path = _build(source, flags, rebuild=True)
+            self._lib = ctypes.CDLL(str(self.path))
+        self._kernels = {}
+        self._lock = threading.Lock()
+
+    def get_function(self, name):
+        """The kernel ``name`` (an ``extern "C" __global__`` function of this module)."""
+        with self._lock:
+            if name not in self._kernels:
+                if name not in self.kernel_names:
+                    raise ValueError(f"cudasim: no kernel named {name!r}; this module has "
+                                     f"{', '.join(self.kernel_names) or 'none'} (only extern \"C\" "
+                                     f"__global__ functions are visible)")
+                self._kernels[name] = RawKernel._from_module(self, name)
+            return self._kernels[name]
+
+
+class RawKernel:
+    """One kernel; call it as ``kernel(grid, block, args, shared_mem=0)``.
+
+    ``RawKernel(code, name, options=())`` builds a one-kernel module, like CuPy's class.
+    """
+
+    def __init__(self, code, name, options=(), *, sanitize=False, **kwargs):
+        module = RawModule(code=code, options=options, sanitize=sanitize, **kwargs)
+        self._init(module, name)
+
+    @classmethod
+    def _from_module(cls, module, name):
+        self = cls.__new__(cls)
+        self._init(module, name)
+        return self
+
+    def _init(self, module, name):
+        if name not in module.kernel_names:
+            module.get_function(name)   # raises the error that names the kernels there are
+        self.module = module
+        self.name = name
+        lib = module._lib
+        self._launch = getattr(lib, f"cudasim_launch__{name}")
+        self._launch.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong),
+                                 ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_ulonglong)
+        self._launch.restype = ctypes.c_int
+        sig = getattr(lib, f"cudasim_signature__{name}")
+        sig.argtypes = (ctypes.c_char_p, ctypes.c_ulonglong)
+        sig.restype = ctypes.c_ulonglong
+        buf = ctypes.create_string_buffer(int(sig(None, 0)) + 1)
+        sig(buf, len(buf))
+        self.params = tuple(Param(*entry.split("|", 1)) for entry in buf.value.decode().split(";") if entry)
+
+    def __repr__(self):
+        return f"<cudasim.RawKernel {self.name}({', '.join(p.ctype for p in self.params)})>"
+
+    def __call__(self, grid, block, args, *, shared_mem=0, enable_cooperative_groups=False):
+        if enable_cooperative_groups:
+            raise ValueError("cudasim: cooperative launches are not supported")
+        config = (ctypes.c_longlong * 6)(*_dims(grid, "grid", self.name), *_dims(block, "block", self.name))
+        if isinstance(shared_mem, bool) or not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
+            raise TypeError(f"cudasim: kernel '{self.name}': shared_mem must be a non-negative int, got {shared_mem!r}")
+        argv, keep = self._marshal(args)
+        err = ctypes.create_string_buffer(1024)
+        rc = self._launch(argv, config, min(int(shared_mem), 2**63), err, len(err))   # releases the GIL
+        del keep
+        if rc != 0:
+            raise SimError("cudasim: " + err.value.decode(errors="replace"))
+
+    def _marshal(self, args):
+        if not isinstance(args, (tuple, list)):
+            raise TypeError(f"cudasim: kernel '{self.name}': args must be a tuple, got {type(args).__name__}")
+        if len(args) != len(self.params):
+            raise TypeError(f"cudasim: kernel '{self.name}' takes {len(self.params)} argument(s) "
+                            f"({', '.join(p.ctype for p in self.params)}), got {len(args)}")
+        argv = (ctypes.c_void_p * max(len(args), 1))()
+        keep = []
+        for i, (param, arg) in enumerate(zip(self.params, args)):
+            where = f"cudasim: kernel '{self.name}' argument {i} ({param.ctype})"
+            if param.code.startswith("*"):
+                cell = ctypes.c_void_p(self._pointer(where, param.code, arg))
+            else:
+                data = self._scalar(where, param.code, arg)
+                cell = ctypes.create_string_buffer(data, len(data))
+            keep.append(cell)
+            argv[i] = ctypes.addressof(cell)
+        return argv, keep
+
+    @staticmethod
+    def _pointer(where, code, arg):
+        if not isinstance(arg, np.ndarray):
+            raise TypeError(f"{where}: expected a NumPy array, got {type(arg).__name__}")
+        const, elem = code[1:2] == "c", code.lstrip("*c")
+        if elem == "?":
+            raise TypeError(f"{where}: the simulator cannot check arrays for this pointer type")
+        if elem != "v" and _code_of(arg.dtype) != elem:
+            raise TypeError(f"{where}: expected an array of {_DTYPE_OF_CODE[elem]}, got dtype {arg.dtype}")
+        if not arg.flags.c_contiguous:
+            raise ValueError(f"{where}: the array is not C-contiguous (use np.ascontiguousarray)")
+        if not arg.flags.aligned:
+            raise ValueError(f"{where}: the array is not aligned")
+        if not const and not arg.flags.writeable:
+            raise ValueError(f"{where}: the kernel may write through this pointer but the array is read-only")
+        return arg.ctypes.data
+
+    @staticmethod
+    def _scalar(where, code, arg):
+        if code == "?":
+            raise TypeError(f"{where}: the simulator cannot pass values of this parameter type")
+        expected = "np." + _DTYPE_OF_CODE[code]
+        if not isinstance(arg, np.generic):
+            if isinstance(arg, (bool, int, float)):
+                raise TypeError(f"{where}: got a Python {type(arg).__name__}, whose C type is ambiguous; "
+                                f"pass {expected}(...)")
+            raise TypeError(f"{where}: expected {expected}, got {type(arg).__name__}")
+        if _code_of(arg.dtype) != code:
+            raise TypeError(f"{where}: expected {expected}, got np.{arg.dtype}")
+        return arg.tobytes()
+
+
+def _code_of(dtype):
+    if dtype.kind in "fiub" and dtype.isnative:
+        return dtype.kind + str(dtype.itemsize)
+    return None
+
+
+def _dims(value, what, kernel):
+    """A grid or block size: an int or a tuple of 1 to 3 ints -> three ints."""
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+    if is_int(value):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not 1 <= len(value) <= 3 or not all(is_int(v) for v in value):
+        raise TypeError(f"cudasim: kernel '{kernel}': {what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
+    dims = [int(v) for v in value] + [1] * (3 - len(value))
+    if any(not 0 < v < 2**62 for v in dims):
+        raise SimError(f"cudasim: kernel '{kernel}': bad launch configuration: {what} {tuple(dims)} "
+                       f"(every size must be at least 1)")
+    return dims
