@@ -58,18 +58,17 @@ class LGMOp(mx.operator.CustomOp):
         return x, None, mu, s
 
     def _margin(self, is_train, aux):
+        """The options with this step's margin, and the schedule counter's next value (None when
+        it does not move: no schedule, or not a training step with labels)."""
         opts = self.opts
-        base = opts.margin(is_train)
-        if not base or self.schedule.is_constant:
-            return opts.replace_alpha(base)
+        if self.schedule.is_constant or not (is_train and opts.with_label):
+            return opts.replace_alpha(opts.margin(is_train)), None
         iteration = int(aux[0].asscalar())
-        if is_train:
-            aux[0][:] = iteration + 1
-        return opts.replace_alpha(self.schedule.value(base, iteration))
+        return opts.replace_alpha(self.schedule.value(opts.alpha, iteration)), iteration + 1
 
     def forward(self, is_train, req, in_data, out_data, aux):
         with errors.recording("forward"):
-            opts = self._margin(is_train, aux)
+            opts, next_iteration = self._margin(is_train, aux)
             self._last_opts = opts
             forward, _ = self._functions()
             x, label, mu, s = self._split(in_data)
@@ -79,6 +78,9 @@ class LGMOp(mx.operator.CustomOp):
             arrays.write(self, out_data[0], req[0], logits)
             arrays.write(self, out_data[1], req[1], lkd)
             arrays.finish()
+            # only a step that succeeded moves the schedule (a rejected batch leaves it as it was)
+            if next_iteration is not None:
+                aux[0][:] = next_iteration
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
         with errors.recording("backward"):
