@@ -388,7 +388,7 @@ def parse_args(argv=None):
                         help=f"comma-separated NxKxD sizes (default {DEFAULT_SIZES})")
     parser.add_argument("--providers", default=",".join(PROVIDERS),
                         help="comma-separated subset of: " + ", ".join(PROVIDERS))
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per measurement")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--max-seconds", type=float, default=20.0,
                         help="stop repeating (after 3 calls) once a measurement used this long")

@@ -34,6 +34,7 @@ def _run(args, **kwargs):
 # CPU benchmark
 
 def test_cpu_benchmark_end_to_end(tmp_path, capsys):
+    pytest.importorskip("mxnet")
     code = bench_cpu.main(["--sizes", "8x3x2", "--repeats", "2", "--warmup", "1",
                            "--out", str(tmp_path)])
     assert code == 0
@@ -82,6 +83,7 @@ def test_cpu_memory_guard_skips_what_cannot_fit(monkeypatch):
 
 
 def test_cpu_memory_child_reports_out_of_memory():
+    pytest.importorskip("mxnet")
     # 400 MB of address space above the interpreter's: the reference needs ~0.9 GB here
     result = bench_cpu.peak_memory(bench_cpu.REFERENCE, (256, 1000, 128), seed=0,
                                    headroom_bytes=400 * 2**20)
@@ -166,15 +168,17 @@ def test_gpu_benchmark_help_and_import_without_cupy():
 
 def test_gpu_benchmark_simulated_end_to_end(tmp_path):
     _sim()
+    # torch_compile is left out: compiling on the CPU alone takes longer than this whole file
+    providers = [p for p in bench_gpu.PROVIDERS if p != "torch_compile"]
     code = bench_gpu.main(["--simulate", "--sizes", "5x70x3", "--repeats", "2", "--warmup", "1",
-                           "--out", str(tmp_path)])
+                           "--providers", ",".join(providers), "--out", str(tmp_path)])
     assert code == 0
     record = json.loads((tmp_path / "gpu_simulated.json").read_text())
     for key in ("hardware", "versions", "git", "settings", "results"):
         assert key in record, key
     assert record["hardware"]["gpu"]["name"]
     (result,) = record["results"]
-    assert list(result["providers"]) == list(bench_gpu.PROVIDERS)
+    assert list(result["providers"]) == providers
     for name in ("ours", "cublas", "caffe_style"):
         entry = result["providers"][name]
         assert entry["status"] == "ok", entry
@@ -183,12 +187,12 @@ def test_gpu_benchmark_simulated_end_to_end(tmp_path):
         assert entry["memory"]["peak_extra_bytes"] >= 0
     for name in ("ours", "caffe_style"):
         assert result["providers"][name]["correctness"]["ok"]
-    for name in ("torch_eager", "torch_compile"):
-        status = result["providers"][name]["status"]
-        assert status == "ok" or status.startswith("skipped: PyTorch"), status
+    status = result["providers"]["torch_eager"]["status"]
+    assert status == "ok" or status.startswith("skipped: PyTorch"), status
     assert set(result["ratios_vs_ours"]["caffe_style"]) == set(bench_gpu.MODES)
-    rows = list(csv.DictReader(open(tmp_path / "gpu_simulated.csv", newline="")))
-    assert len(rows) == len(bench_gpu.PROVIDERS) * len(bench_gpu.MODES)
+    with open(tmp_path / "gpu_simulated.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(providers) * len(bench_gpu.MODES)
     pytest.importorskip("matplotlib")
     assert (tmp_path / "gpu_simulated.png").stat().st_size > 0
 
