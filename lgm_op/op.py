@@ -75,8 +75,8 @@ class LGMOp(mx.operator.CustomOp):
             arrays = _Arrays(self.backend, x.context)
             logits, lkd = forward(arrays.read(x), None if label is None else arrays.read(label),
                                   arrays.read(mu), arrays.read(s), opts, bool(is_train))
-            arrays.write(self, out_data[0], req[0], logits)
-            arrays.write(self, out_data[1], req[1], lkd)
+            arrays.write(out_data[0], req[0], logits)
+            arrays.write(out_data[1], req[1], lkd)
             arrays.finish()
             # only a step that succeeded moves the schedule (a rejected batch leaves it as it was)
             if next_iteration is not None:
@@ -103,7 +103,7 @@ class LGMOp(mx.operator.CustomOp):
                     if r in ("write", "inplace"):
                         dst[:] = 0
                 else:
-                    arrays.write(self, dst, r, g)
+                    arrays.write(dst, r, g)
             arrays.finish()
 
 
@@ -129,7 +129,7 @@ class _Arrays:
             return self.xp.from_dlpack(nd.to_dlpack_for_read())
         return nd.asnumpy()
 
-    def write(self, op, dst, req, value):
+    def write(self, dst, req, value):
         if req == "null":
             return
         if self.backend == "gpu":
@@ -138,8 +138,10 @@ class _Arrays:
                 view += value
             else:
                 view[...] = value
+        elif req == "add":
+            dst[:] += mx.nd.array(value, ctx=dst.context, dtype=dst.dtype)
         else:
-            op.assign(dst, req, mx.nd.array(value, ctx=dst.context, dtype=dst.dtype))
+            dst[:] = value  # one synchronous copy from the host array, no temporary NDArray
 
     def finish(self):
         # MXNet treats outputs as ready once the callback returns: wait for our kernels.
