@@ -674,13 +674,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.sizes = common.parse_sizes(args.sizes or (SIMULATE_SIZES if args.simulate
                                                    else DEFAULT_SIZES))
-    args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = sorted(set(args.providers) - set(PROVIDERS))
-    if unknown:
-        parser.error(f"unknown provider(s) {', '.join(unknown)}; known: {', '.join(PROVIDERS)}")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
-    return args
+    return common.check_provider_args(parser, args, PROVIDERS)
 
 
 def main(argv=None):

@@ -51,6 +51,17 @@ def parse_sizes(text):
     return sizes
 
 
+def check_provider_args(parser, args, known):
+    """Split ``args.providers`` (a comma list) and check it and the repeat counts."""
+    args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    unknown = sorted(set(args.providers) - set(known))
+    if unknown:
+        parser.error(f"unknown provider(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
 def size_label(size):
     """(256, 10, 2) -> '256x10x2'."""
     return "x".join(str(v) for v in size)
