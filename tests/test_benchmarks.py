@@ -94,12 +94,7 @@ def test_cpu_memory_child_reports_out_of_memory():
 # the Caffe-style baseline kernels, on the simulator and (when there is one) a GPU
 
 def _sim():
-    try:
-        from lgm_op import cudasim
-    except ImportError as exc:
-        pytest.skip(f"lgm_op.cudasim is not importable yet ({exc})")
-    if not hasattr(cudasim, "RawModule"):
-        pytest.skip("lgm_op.cudasim has no RawModule yet")
+    from lgm_op import cudasim
     return np, cudasim.RawModule
 
 
@@ -260,8 +255,6 @@ def test_stats_and_errors():
 
 def test_results_committed_with_every_field():
     path = ROOT / "benchmarks" / "results" / "cpu.json"
-    if not path.exists():
-        pytest.skip("no recorded CPU results yet")
     record = json.loads(path.read_text())
     assert record["git"]["sha"] and record["hardware"]["cpu"]["model"]
     assert {r["label"] for r in record["results"]} >= {"256x100x64", "256x1000x128"}

@@ -15,12 +15,18 @@ from lgm_op import cudasim
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Kernels that are correct; each test below drives one or two of them.
-GOOD = r"""
+# The tiled matrix multiply every other test leans on. Its two barriers are macros so the fault
+# tests can compile it with one of them missing.
+MATMUL = r"""
 #define TILE 16
+#ifndef FIRST_BARRIER
+#define FIRST_BARRIER __syncthreads()
+#endif
+#ifndef SECOND_BARRIER
+#define SECOND_BARRIER __syncthreads()
+#endif
 
-extern "C" __global__ void matmul(const float* __restrict__ A, const float* __restrict__ B,
-                                  float* __restrict__ C, int M, int N, int K)
+extern "C" __global__ void matmul(const float* A, const float* B, float* C, int M, int N, int K)
 {
     __shared__ float As[TILE][TILE];
     __shared__ float Bs[TILE][TILE];
@@ -30,15 +36,19 @@ extern "C" __global__ void matmul(const float* __restrict__ A, const float* __re
     for (int t = 0; t < K; t += TILE) {
         As[ty][tx] = (row < M && t + tx < K) ? A[row * K + t + tx] : 0.0f;
         Bs[ty][tx] = (col < N && t + ty < K) ? B[(t + ty) * N + col] : 0.0f;
-        __syncthreads();
+        FIRST_BARRIER;
         for (int k = 0; k < TILE; ++k)
             acc = fmaf(As[ty][k], Bs[k][tx], acc);
-        __syncthreads();
+        SECOND_BARRIER;
     }
     if (row < M && col < N)
         C[row * N + col] = acc;
 }
 
+"""
+
+# Kernels that are correct; each test below drives one or two of them.
+GOOD = MATMUL + r"""
 __device__ __forceinline__ float warp_sum(float v)
 {
     for (int offset = warpSize / 2; offset > 0; offset /= 2)
@@ -151,34 +161,7 @@ extern "C" __global__ void builtins(const float* x, float* y, int* iy, unsigned 
 """
 
 # Kernels with planted faults the simulator has to expose.
-FAULTY = r"""
-#define TILE 16
-#ifndef FIRST_BARRIER
-#define FIRST_BARRIER __syncthreads()
-#endif
-#ifndef SECOND_BARRIER
-#define SECOND_BARRIER __syncthreads()
-#endif
-
-extern "C" __global__ void matmul(const float* A, const float* B, float* C, int M, int N, int K)
-{
-    __shared__ float As[TILE][TILE];
-    __shared__ float Bs[TILE][TILE];
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    const int row = blockIdx.y * TILE + ty, col = blockIdx.x * TILE + tx;
-    float acc = 0.0f;
-    for (int t = 0; t < K; t += TILE) {
-        As[ty][tx] = (row < M && t + tx < K) ? A[row * K + t + tx] : 0.0f;
-        Bs[ty][tx] = (col < N && t + ty < K) ? B[(t + ty) * N + col] : 0.0f;
-        FIRST_BARRIER;
-        for (int k = 0; k < TILE; ++k)
-            acc = fmaf(As[ty][k], Bs[k][tx], acc);
-        SECOND_BARRIER;
-    }
-    if (row < M && col < N)
-        C[row * N + col] = acc;
-}
-
+FAULTY = MATMUL + r"""
 // Tree reduction written for 256 threads; launched with fewer, it reads slots nobody wrote.
 extern "C" __global__ void tree_sum_256(const float* x, float* out)
 {

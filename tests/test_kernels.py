@@ -49,18 +49,10 @@ def _gpu_skip_reason():
     return None
 
 
-def _sim_skip_reason():
-    from lgm_op import cudasim
-    return None if hasattr(cudasim, "RawModule") else "the CUDA simulator is not built"
-
-
 @pytest.fixture(scope="session", params=["sim", "gpu"])
 def backend(request):
     """to_device / to_host move NumPy arrays to the backend's arrays and back."""
     if request.param == "sim":
-        reason = _sim_skip_reason()
-        if reason:
-            pytest.skip(reason)
         return SimpleNamespace(name="sim", to_device=np.asarray, to_host=np.asarray)
     reason = _gpu_skip_reason()
     if reason:
