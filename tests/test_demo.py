@@ -14,7 +14,8 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from lgm_op.demo import cli  # noqa: E402
-from lgm_op.demo.data import load_idx_dir, read_idx, write_idx  # noqa: E402
+from lgm_op.demo.data import (ABNORMAL_KINDS, SHIFT_PIXELS, abnormal_inputs,  # noqa: E402
+                              load_idx_dir, normalize, read_idx, write_idx)
 from lgm_op.demo.network import VARIANTS  # noqa: E402
 from lgm_op.demo.scores import auroc, average_ranks  # noqa: E402
 from lgm_op.demo.train import Settings, train_variant  # noqa: E402
@@ -74,7 +75,8 @@ def test_summary_has_every_field(demo_run):
         assert (v["log_var_max"] is not None) == has_gaussians, name
     assert all(math.isfinite(n) for n in _finite_numbers(summary))
     aurocs = summary["abnormal"]["auroc"]
-    assert set(aurocs) == {"noise", "shifted", "inverted"}
+    assert set(aurocs) == set(ABNORMAL_KINDS) == {"noise", "shifted", "inverted"}
+    assert summary["abnormal"]["inputs"] == ABNORMAL_KINDS
     assert all(0.0 <= a <= 1.0 for a in aurocs.values())
     assert set(summary["versions"]) >= {"lgm_op", "mxnet", "numpy"}
     assert summary["versions"]["mxnet"] == mx.__version__
@@ -189,6 +191,22 @@ def test_idx_folder_loads_as_digits(tmp_path, rng):
 def test_idx_folder_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
         load_idx_dir(str(tmp_path))
+
+
+def test_abnormal_inputs(rng):
+    pixels = rng.integers(0, 256, (6, 784)).astype(np.float64)
+    digits = normalize(pixels)
+    abnormal = abnormal_inputs(digits, seed=3)
+    assert set(abnormal) == set(ABNORMAL_KINDS)
+    for images in abnormal.values():
+        assert images.shape == digits.shape and images.dtype == np.float32
+    np.testing.assert_array_equal(abnormal["inverted"], normalize(255.0 - pixels))
+    s = SHIFT_PIXELS
+    np.testing.assert_array_equal(abnormal["shifted"][:, :, s:, s:], digits[:, :, :-s, :-s])
+    assert (abnormal["shifted"][:, :, :s, :] == normalize(np.zeros((1, 784))).min()).all()
+    noise = abnormal["noise"] * 128.0 + 127.5
+    assert noise.min() >= 0.0 and noise.max() <= 255.0 and abs(noise.mean() - 127.5) < 10
+    np.testing.assert_array_equal(noise, abnormal_inputs(digits, seed=3)["noise"] * 128.0 + 127.5)
 
 
 def test_auroc_known_cases():

