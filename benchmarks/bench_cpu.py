@@ -386,15 +386,10 @@ def parse_args(argv=None):
                     "(forward, forward+backward, peak memory).")
     parser.add_argument("--sizes", default=DEFAULT_SIZES,
                         help=f"comma-separated NxKxD sizes (default {DEFAULT_SIZES})")
-    parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help="comma-separated subset of: " + ", ".join(PROVIDERS))
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-    parser.add_argument("--max-seconds", type=float, default=20.0,
-                        help="stop repeating (after 3 calls) once a measurement used this long")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="largest error of the operator vs the reference, relative to each "
-                             "array's largest entry")
+    common.add_measurement_args(
+        parser, PROVIDERS, max_seconds=20.0, tolerance=1e-4,
+        tolerance_help="largest error of the operator vs the reference, relative to each "
+                       "array's largest entry")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory subprocesses")

@@ -654,15 +654,10 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", default=None,
                         help=f"comma-separated NxKxD sizes (default {DEFAULT_SIZES}; with "
                              f"--simulate {SIMULATE_SIZES})")
-    parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help="comma-separated subset of: " + ", ".join(PROVIDERS))
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-    parser.add_argument("--max-seconds", type=float, default=1.0,
-                        help="stop repeating (after 3 calls) once a measurement used this long")
-    parser.add_argument("--tolerance", type=float, default=1e-3,
-                        help="largest error vs the float64 reference, relative to each array's "
-                             "largest entry (float32, sums over up to 1e5 terms)")
+    common.add_measurement_args(
+        parser, PROVIDERS, max_seconds=1.0, tolerance=1e-3,
+        tolerance_help="largest error vs the float64 reference, relative to each array's "
+                       "largest entry (float32, sums over up to 1e5 terms)")
     parser.add_argument("--time-limit", type=float, default=900.0,
                         help="seconds after which the remaining providers are recorded as "
                              "skipped")

@@ -51,6 +51,17 @@ def parse_sizes(text):
     return sizes
 
 
+def add_measurement_args(parser, providers, max_seconds, tolerance, tolerance_help):
+    """The options both benchmark scripts share: providers, repeats, warm-up, time cap, tolerance."""
+    parser.add_argument("--providers", default=",".join(providers),
+                        help="comma-separated subset of: " + ", ".join(providers))
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--max-seconds", type=float, default=max_seconds,
+                        help="stop repeating (after 3 calls) once a measurement used this long")
+    parser.add_argument("--tolerance", type=float, default=tolerance, help=tolerance_help)
+
+
 def check_provider_args(parser, args, known):
     """Split ``args.providers`` (a comma list) and check it and the repeat counts."""
     args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
