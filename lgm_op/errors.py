@@ -15,7 +15,7 @@ import threading
 
 import mxnet.base as _base
 
-__all__ = ["recording", "note", "pending"]
+__all__ = ["recording", "note"]
 
 _lock = threading.Lock()
 _pending = collections.deque(maxlen=32)
@@ -26,12 +26,6 @@ def note(message):
     """Record one failure message for the next generic custom-operator error."""
     with _lock:
         _pending.append(message)
-
-
-def pending():
-    """The recorded messages not yet reported (oldest first); for inspection and tests."""
-    with _lock:
-        return list(_pending)
 
 
 @contextlib.contextmanager

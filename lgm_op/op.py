@@ -18,7 +18,7 @@ import numpy as np
 from . import errors
 from .checks import check_float_dtype, check_shapes, param_shapes
 from .cpu import lgm_backward_cpu, lgm_forward_cpu
-from .options import ATTRIBUTE_DEFAULTS, parse_options
+from .options import parse_options
 from .schedule import SCHEDULE_DEFAULTS, parse_schedule
 
 __all__ = ["LGMOp", "LGMOpProp", "SIMULATOR_ENV"]
@@ -226,7 +226,3 @@ class LGMOpProp(mx.operator.CustomOpProp):
     def create_operator(self, ctx, shapes, dtypes):
         self._check()
         return LGMOp(self.opts, self.schedule, _backend(ctx))
-
-
-# Attribute names a user may pass to the Custom node (for the builders' validation).
-ALL_ATTRIBUTES = tuple(ATTRIBUTE_DEFAULTS) + tuple(SCHEDULE_DEFAULTS)
