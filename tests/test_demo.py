@@ -1,4 +1,5 @@
 """The demo end to end on a tiny setting, and its building blocks (IDX reader, AUROC)."""
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from lgm_op.demo.data import (ABNORMAL_KINDS, SHIFT_PIXELS, abnormal_inputs,  # 
                               load_idx_dir, normalize, read_idx, write_idx)
 from lgm_op.demo.network import VARIANTS  # noqa: E402
 from lgm_op.demo.scores import auroc, average_ranks  # noqa: E402
-from lgm_op.demo.train import Settings, train_variant  # noqa: E402
+from lgm_op.demo.train import train_variant  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--epochs", "1", "--train-size", "300", "--batch-size", "32", "--quiet"]
@@ -74,29 +75,44 @@ def test_summary_has_every_field(demo_run):
         assert (v["log_var_min"] is not None) == has_gaussians, name
         assert (v["log_var_max"] is not None) == has_gaussians, name
     assert all(math.isfinite(n) for n in _finite_numbers(summary))
-    aurocs = summary["abnormal"]["auroc"]
-    assert set(aurocs) == set(ABNORMAL_KINDS) == {"noise", "shifted", "inverted"}
-    assert summary["abnormal"]["inputs"] == ABNORMAL_KINDS
-    assert all(0.0 <= a <= 1.0 for a in aurocs.values())
+    detector = summary["detector"]
+    assert set(VARIANT_FIELDS) <= set(detector)
+    assert detector["feature_dim"] == cli.DEFAULTS["detector_dim"] and detector["variant"] == "full"
+    assert detector["nonfinite_steps"] == 0 and detector["steps"] == 300 // 32
+    abnormal = summary["abnormal"]
+    assert abnormal["inputs"] == ABNORMAL_KINDS
+    assert set(abnormal["models"]) == {"detector", "full"}
+    assert abnormal["model"] == "detector"
+    assert abnormal["auroc"] == abnormal["models"]["detector"]["auroc"]
+    assert abnormal["models"]["full"]["feature_dim"] == 2
+    for model in abnormal["models"].values():
+        assert set(model["auroc"]) == set(ABNORMAL_KINDS) == {"noise", "shifted", "inverted"}
+        assert all(0.0 <= a <= 1.0 for a in model["auroc"].values())
+        assert set(model["score_median"]) == set(ABNORMAL_KINDS)
     assert set(summary["versions"]) >= {"lgm_op", "mxnet", "numpy"}
     assert summary["versions"]["mxnet"] == mx.__version__
     settings = summary["settings"]
     for key in ("epochs", "batch_size", "lr", "lambda_", "alpha", "margin_policy", "seed", "ctx",
-                "train_size", "variants", "width", "data", "out"):
+                "train_size", "variants", "width", "detector_dim", "optimizer", "data", "out"):
         assert key in settings, key
     assert summary["data"]["train"] == 300 and summary["data"]["test"] == 1000
-    assert "AUROC" in stdout
+    assert "AUROC vs test digits, detector (8-D)" in stdout
+    assert "AUROC vs test digits, full (2-D)" in stdout
 
 
-def test_checkpoint_keeps_the_margin_state(demo_run):
+@pytest.mark.parametrize("model", ["full", "detector"])
+def test_checkpoint_keeps_the_margin_state(demo_run, model):
     out, summary, _ = demo_run
-    ckpt = summary["checkpoint"]
+    ckpt = summary["checkpoint"] if model == "full" else summary["detector"]["checkpoint"]
     assert ckpt["round_trip_equal"]
+    assert os.path.basename(ckpt["prefix"]) == cli.CHECKPOINT_NAMES[model]
     symbol, arg_params, aux_params = mx.model.load_checkpoint(ckpt["prefix"], ckpt["epoch"])
     assert "lgm_margin_iter" in aux_params and "lgm_margin_iter" in symbol.list_auxiliary_states()
     steps = summary["variants"]["full"]["steps"]
     assert int(aux_params["lgm_margin_iter"].asscalar()) == ckpt["margin_iter"] == steps
     assert {"lgm_mean", "lgm_log_var"} <= set(arg_params)
+    dim = 2 if model == "full" else cli.DEFAULTS["detector_dim"]
+    assert arg_params["lgm_mean"].shape == (10, dim)
     # The checkpoint binds again as a Module and hands the state back unchanged.
     module = mx.mod.Module(symbol, ["data"], ["softmax_label"])
     module.bind(data_shapes=[("data", (4, 1, 28, 28))], label_shapes=[("softmax_label", (4,))])
@@ -114,9 +130,10 @@ def test_resume_continues_the_schedule(demo_run, tmp_path):
     with open(os.path.join(resumed, "summary.json")) as f:
         after = json.load(f)
     steps = summary["variants"]["full"]["steps"]
-    assert after["checkpoint"]["epoch"] == 2
-    assert after["checkpoint"]["margin_iter"] == 2 * steps
-    assert after["variants"]["full"]["epochs_trained"] == 2
+    for ckpt, model in ((after["checkpoint"], after["variants"]["full"]),
+                        (after["detector"]["checkpoint"], after["detector"])):
+        assert ckpt["epoch"] == 2 and model["epochs_trained"] == 2
+        assert ckpt["margin_iter"] == 2 * steps
 
 
 def test_worker_processes_give_the_numbers_of_a_serial_run(demo_run, tmp_path):
@@ -126,13 +143,45 @@ def test_worker_processes_give_the_numbers_of_a_serial_run(demo_run, tmp_path):
     for name in ("softmax", "nolkd"):
         for key in set(VARIANT_FIELDS) - {"seconds"}:
             assert serial["variants"][name][key] == summary["variants"][name][key], (name, key)
+    for key in set(VARIANT_FIELDS) - {"seconds"}:
+        assert serial["detector"][key] == summary["detector"][key], key
+    assert serial["abnormal"]["auroc"] == summary["abnormal"]["auroc"]
+    assert set(serial["abnormal"]["models"]) == {"detector"}  # no 2-D full variant in this run
+
+
+def test_no_detector_scores_with_the_full_variant(tmp_path):
+    summary = cli.run(cli.parse_args(["--out", str(tmp_path), "--variants", "full",
+                                      "--detector-dim", "0", "--jobs", "1"] + TINY))
+    assert "detector" not in summary
+    assert summary["abnormal"]["model"] == "full" and set(summary["abnormal"]["models"]) == {"full"}
+    assert not os.path.exists(os.path.join(str(tmp_path), cli.CHECKPOINT_NAMES["detector"]
+                                           + "-0001.params"))
+
+
+def test_no_abnormal_figure_without_an_lgm_model(tmp_path):
+    summary = cli.run(cli.parse_args(["--out", str(tmp_path), "--variants", "softmax",
+                                      "--detector-dim", "0", "--jobs", "1"] + TINY))
+    assert "abnormal" not in summary and "checkpoint" not in summary
+    assert set(summary["figures"]) == {"features"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--detector-dim", "-1"], "--detector-dim must be >= 0"),
+    (["--variants", "softmax", "--resume"], "--resume continues the full variant"),
+    (["--variants", "full,bogus"], "variants must be a comma list"),
+    (["--optimizer", "rmsprop"], "invalid choice"),
+])
+def test_bad_options_name_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_training_is_deterministic(tmp_path):
     from lgm_op.demo.data import load_digits
 
     digits = load_digits().shrink(64)
-    settings = Settings(**dict(cli.DEFAULTS, epochs=1, batch_size=16, ctx="cpu"))
+    settings = dataclasses.replace(cli.settings_of(cli.parse_args([])), epochs=1, batch_size=16)
     first, second = (train_variant("full", digits, settings, progress=False) for _ in range(2))
     assert first.final_loss == second.final_loss
     for name, value in first.arg_params.items():

@@ -3,7 +3,8 @@
 LeNet++ (Wen et al., 2016) stacks three stages of two 5x5 convolutions with PReLU and a 2x2 max-pool
 (32-32 / 64-64 / 128-128 channels) and ends in a fully connected layer to a 2-D feature, so that
 the feature distribution can be drawn. ``width`` scales the channels (the demo's default is
-narrower to train on a laptop CPU in minutes).
+narrower to train on a laptop CPU in minutes); ``feature_dim`` widens the feature for the
+demo's abnormal-input detector (see ``lgm_op.demo.cli``).
 """
 import mxnet as mx
 
@@ -36,8 +37,8 @@ def _prelu(x, name):
     return mx.sym.LeakyReLU(x, gamma=gamma, act_type="prelu", name=name)
 
 
-def features(data, width=32):
-    """The LeNet++ trunk: data (N, 1, 28, 28) -> feature (N, 2), named ``feature``."""
+def features(data, width=32, feature_dim=FEATURE_DIM):
+    """The LeNet++ trunk: data (N, 1, 28, 28) -> feature (N, feature_dim), named ``feature``."""
     x = data
     for stage, channels in enumerate((width, 2 * width, 4 * width), start=1):
         for part in "ab":
@@ -45,7 +46,7 @@ def features(data, width=32):
             x = mx.sym.Convolution(x, kernel=(5, 5), pad=(2, 2), num_filter=channels, name=name)
             x = _prelu(x, f"prelu{stage}{part}")
         x = mx.sym.Pooling(x, kernel=(2, 2), stride=(2, 2), pool_type="max", name=f"pool{stage}")
-    return mx.sym.FullyConnected(mx.sym.flatten(x), num_hidden=FEATURE_DIM, name="feature")
+    return mx.sym.FullyConnected(mx.sym.flatten(x), num_hidden=feature_dim, name="feature")
 
 
 def lgm_options(variant, alpha, margin_policy="const", margin_gamma=1.0, margin_step=1000,
@@ -59,7 +60,8 @@ def lgm_options(variant, alpha, margin_policy="const", margin_gamma=1.0, margin_
     return dict(options, alpha=alpha, **schedule)
 
 
-def training_symbol(variant, width, lambda_, log_var_lr_mult, **lgm_kwargs):
+def training_symbol(variant, width, lambda_, log_var_lr_mult, feature_dim=FEATURE_DIM,
+                    **lgm_kwargs):
     """The training graph of ``variant``.
 
     Outputs: ``softmax_output`` (N, 10) class probabilities and, for the L-GM variants,
@@ -69,7 +71,7 @@ def training_symbol(variant, width, lambda_, log_var_lr_mult, **lgm_kwargs):
     """
     data = mx.sym.Variable("data")
     label = mx.sym.Variable("softmax_label")
-    feat = features(data, width)
+    feat = features(data, width, feature_dim)
     if VARIANTS[variant] is None:
         logits = mx.sym.FullyConnected(feat, num_hidden=NUM_CLASSES, name="fc_logits")
         return mx.sym.SoftmaxOutput(logits, label, name="softmax")
@@ -81,13 +83,13 @@ def training_symbol(variant, width, lambda_, log_var_lr_mult, **lgm_kwargs):
                          mx.sym.MakeLoss(weight * lkd, name="lkd_loss")])
 
 
-def evaluation_symbol(variant, width, alpha):
-    """The label-free prediction graph: outputs ``feature`` (N, 2) and ``logits`` (N, 10).
+def evaluation_symbol(variant, width, alpha, feature_dim=FEATURE_DIM):
+    """The label-free prediction graph: outputs ``feature`` (N, feature_dim), ``logits`` (N, 10).
 
     For the L-GM variants this is the operator's deployment form (no label, no margin), so
     ``-max_k logits`` is the negative log-likelihood score of an input under its best class.
     """
-    feat = features(mx.sym.Variable("data"), width)
+    feat = features(mx.sym.Variable("data"), width, feature_dim)
     if VARIANTS[variant] is None:
         logits = mx.sym.FullyConnected(feat, num_hidden=NUM_CLASSES, name="fc_logits")
     else:

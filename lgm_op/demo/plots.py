@@ -97,37 +97,40 @@ def plot_features(panels, path, suptitle):
     plt.close(fig)
 
 
-def plot_abnormal(normal_scores, abnormal_scores, aurocs, path, suptitle):
+def plot_abnormal(rows, path, suptitle):
     """Histograms of the score ``-max_k logits`` for test digits against each abnormal kind.
 
-    normal_scores: (M,); abnormal_scores: {kind: (M_kind,)}; aurocs: {kind: float or None}.
-    The range covers the central 99% of all scores; the rest are counted in the end bins.
+    rows: a list of (title, normal_scores (M,), {kind: scores (M_kind,)}, {kind: AUROC or None}),
+    one row of panels per model, one panel per kind. Each row's range covers the central 99% of
+    its scores; the rest are counted in the end bins.
     """
-    kinds = list(abnormal_scores)
-    pooled = np.concatenate([normal_scores] + [abnormal_scores[k] for k in kinds])
-    pooled = pooled[np.isfinite(pooled)]
-    lo, hi = np.percentile(pooled, [0.5, 99.5]) if len(pooled) else (0.0, 1.0)
-    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, 61)
+    kinds = list(rows[0][2])
+    fig, axes = plt.subplots(len(rows), len(kinds), figsize=(5.2 * len(kinds), 4.0 * len(rows)),
+                             squeeze=False)
+    for row_axes, (title, normal_scores, abnormal_scores, aurocs) in zip(axes, rows):
+        pooled = np.concatenate([normal_scores] + [abnormal_scores[k] for k in kinds])
+        pooled = pooled[np.isfinite(pooled)]
+        lo, hi = np.percentile(pooled, [0.5, 99.5]) if len(pooled) else (0.0, 1.0)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, 61)
 
-    def clipped(scores):
-        scores = scores[np.isfinite(scores)]
-        return np.clip(scores, edges[0], edges[-1])
+        def clipped(scores):
+            scores = scores[np.isfinite(scores)]
+            return np.clip(scores, edges[0], edges[-1])
 
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4.4), squeeze=False,
-                             sharey=True)
-    for ax, kind in zip(axes[0], kinds):
-        ax.hist(clipped(normal_scores), bins=edges, color="tab:blue", alpha=0.6,
-                label="test digits")
-        ax.hist(clipped(abnormal_scores[kind]), bins=edges, color="tab:red", alpha=0.6,
-                label=kind)
-        value = aurocs[kind]
-        ax.set_title(f"digits vs {kind}: AUROC " + ("n/a" if value is None else f"{value:.3f}"),
-                     fontsize=11)
+        for ax, kind in zip(row_axes, kinds):
+            ax.hist(clipped(normal_scores), bins=edges, color="tab:blue", alpha=0.6,
+                    label="test digits")
+            ax.hist(clipped(abnormal_scores[kind]), bins=edges, color="tab:red", alpha=0.6,
+                    label=kind)
+            value = aurocs[kind]
+            ax.set_title(f"{title}\ndigits vs {kind}: AUROC "
+                         + ("n/a" if value is None else f"{value:.3f}"), fontsize=10.5)
+            ax.legend(frameon=False)
+            ax.grid(True, linewidth=0.4, alpha=0.4)
+        row_axes[0].set_ylabel("inputs")
+    for ax in axes[-1]:
         ax.set_xlabel("score  −max$_k$ logits  (higher = less likely)")
-        ax.legend(frameon=False)
-        ax.grid(True, linewidth=0.4, alpha=0.4)
-    axes[0][0].set_ylabel("inputs")
     fig.suptitle(suptitle, fontsize=13)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)

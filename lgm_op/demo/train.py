@@ -24,10 +24,13 @@ class Settings:
     batch_size: int
     lr: float
     momentum: float
+    optimizer: str
+    clip_gradient: float
     wd: float
     lambda_: float
     alpha: float
     width: int
+    feature_dim: int
     log_var_lr_mult: float
     margin_policy: str
     margin_gamma: float
@@ -139,10 +142,28 @@ def load_checkpoint(prefix, epoch=None):
     return symbol, arg_params, aux_params, epoch
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
+def optimizer_params(settings, schedule):
+    """The optimizer's parameters: learning rate and its schedule, weight decay, momentum (SGD)
+    and, when ``settings.clip_gradient`` > 0, element-wise clipping of the batch-mean gradient."""
+    if settings.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                         f"got {settings.optimizer!r}")
+    params = dict(learning_rate=settings.lr, wd=settings.wd, lr_scheduler=schedule)
+    if settings.optimizer == "sgd":
+        params["momentum"] = settings.momentum
+    if settings.clip_gradient > 0:
+        params["clip_gradient"] = settings.clip_gradient
+    return params
+
+
 def _new_module(variant, settings, ctx, resume_prefix):
     if resume_prefix is None:
         symbol = training_symbol(variant, settings.width, settings.lambda_,
-                                 settings.log_var_lr_mult, **settings.margin_kwargs())
+                                 settings.log_var_lr_mult, settings.feature_dim,
+                                 **settings.margin_kwargs())
         return mx.mod.Module(symbol, DATA_NAMES, LABEL_NAMES, context=ctx), 0
     # Module.load restores the parameters, the auxiliary states (the margin schedule's iteration
     # counter among them) and the optimizer's momentum.
@@ -154,7 +175,8 @@ def _new_module(variant, settings, ctx, resume_prefix):
     return module, epoch
 
 
-def train_variant(variant, digits, settings, resume_prefix=None, progress=True, position=0):
+def train_variant(variant, digits, settings, resume_prefix=None, progress=True, position=0,
+                  label=None):
     """Train ``variant`` on ``digits`` for ``settings.epochs`` epochs; a :class:`TrainResult`.
 
     Uses SGD with momentum and a cosine learning-rate decay over the run. A step whose loss or
@@ -162,7 +184,8 @@ def train_variant(variant, digits, settings, resume_prefix=None, progress=True, 
     finite is counted too. With ``resume_prefix`` training continues from the latest checkpoint
     under it (parameters, margin schedule state, momentum) for ``settings.epochs`` more epochs.
     ``progress`` shows a bar per epoch (on terminal line ``position``, for parallel runs) and
-    writes a line with the loss, accuracy and log-variance range after each epoch.
+    writes a line with the loss, accuracy and log-variance range after each epoch, headed by
+    ``label`` (default: the variant's name).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -183,9 +206,8 @@ def train_variant(variant, digits, settings, resume_prefix=None, progress=True, 
     schedule = mx.lr_scheduler.CosineScheduler(
         max_update=max(total_steps, 1), base_lr=settings.lr, final_lr=0.0,
         warmup_steps=min(steps_per_epoch, total_steps // 2))
-    module.init_optimizer(optimizer="sgd", optimizer_params=dict(
-        learning_rate=settings.lr, momentum=settings.momentum, wd=settings.wd,
-        lr_scheduler=schedule))
+    module.init_optimizer(optimizer=settings.optimizer,
+                          optimizer_params=optimizer_params(settings, schedule))
     metric = mx.metric.Accuracy(output_names=["softmax_output"], label_names=["softmax_label"])
     params = module._exec_group.param_arrays
     grads = [g for g in module._exec_group.grad_arrays if g]
@@ -198,7 +220,8 @@ def train_variant(variant, digits, settings, resume_prefix=None, progress=True, 
         losses = []
         bar = tqdm(_batches(digits.train_x, digits.train_y, batch_size, settings.seed, epoch, ctx),
                    total=steps_per_epoch, disable=not progress, leave=False, position=position,
-                   unit="batch", desc=f"{variant:>8} {epoch + 1}/{begin_epoch + settings.epochs}")
+                   unit="batch",
+                   desc=f"{label or variant:>8} {epoch + 1}/{begin_epoch + settings.epochs}")
         postfix = {}
         for batch in bar:
             module.forward_backward(batch)
@@ -232,12 +255,14 @@ def train_variant(variant, digits, settings, resume_prefix=None, progress=True, 
 
 
 def predict(result, settings, images, batch_size=500):
-    """(features (M, 2), logits (M, 10)) of ``images`` (M, 1, 28, 28) under the trained variant.
+    """(features (M, feature_dim), logits (M, 10)) of ``images`` (M, 1, 28, 28) under the trained
+    variant.
 
     Runs the label-free evaluation graph (``is_train=False``: no margin) with the trained
     parameters.
     """
-    symbol = evaluation_symbol(result.variant, settings.width, settings.alpha)
+    symbol = evaluation_symbol(result.variant, settings.width, settings.alpha,
+                               settings.feature_dim)
     module = mx.mod.Module(symbol, DATA_NAMES, None, context=settings.context())
     batch_size = min(batch_size, len(images))
     module.bind(data_shapes=[("data", (batch_size,) + images.shape[1:])], for_training=False)
