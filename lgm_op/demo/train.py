@@ -179,10 +179,11 @@ def train_variant(variant, digits, settings, resume_prefix=None, progress=True, 
                   label=None):
     """Train ``variant`` on ``digits`` for ``settings.epochs`` epochs; a :class:`TrainResult`.
 
-    Uses SGD with momentum and a cosine learning-rate decay over the run. A step whose loss or
+    Uses ``settings.optimizer`` (SGD with momentum by default, see :func:`optimizer_params`)
+    with a cosine learning-rate decay over the run. A step whose loss or
     gradients are not finite is counted and not applied; a step after which a parameter is not
     finite is counted too. With ``resume_prefix`` training continues from the latest checkpoint
-    under it (parameters, margin schedule state, momentum) for ``settings.epochs`` more epochs.
+    under it (parameters, margin schedule state, optimizer state) for ``settings.epochs`` more epochs.
     ``progress`` shows a bar per epoch (on terminal line ``position``, for parallel runs) and
     writes a line with the loss, accuracy and log-variance range after each epoch, headed by
     ``label`` (default: the variant's name).
