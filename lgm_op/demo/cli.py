@@ -41,7 +41,7 @@ SUMMARY_JSON = "summary.json"
 # a quarter of its width and 10 epochs. The log-variances learn at 0.3x the rate of the rest: at 1x
 # the variances and the features shrink together until training diverges (the seed's NaN), at 0.1x
 # they hardly leave their start (variance 1) in 10 epochs. Larger margins diverged: alpha = 1 took
-# the variant without likelihood term to non-finite weights (seed 0, lambda 0.1 or 1).
+# the variant without likelihood term to non-finite weights (seed 0).
 DEFAULTS = dict(epochs=10, batch_size=32, optimizer="sgd", lr=0.02, momentum=0.9, wd=5e-4,
                 clip_gradient=0.0, lambda_=1.0, alpha=0.3, width=8, detector_dim=8,
                 log_var_lr_mult=0.3, margin_policy="warmup", margin_gamma=1.0, margin_step=250,
