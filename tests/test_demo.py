@@ -89,6 +89,8 @@ def test_summary_has_every_field(demo_run):
         assert set(model["auroc"]) == set(ABNORMAL_KINDS) == {"noise", "shifted", "inverted"}
         assert all(0.0 <= a <= 1.0 for a in model["auroc"].values())
         assert set(model["score_median"]) == set(ABNORMAL_KINDS)
+        assert set(model["nearest_mean_distance_median"]) == {"digits"} | set(ABNORMAL_KINDS)
+        assert all(d > 0 for d in model["nearest_mean_distance_median"].values())
     assert set(summary["versions"]) >= {"lgm_op", "mxnet", "numpy"}
     assert summary["versions"]["mxnet"] == mx.__version__
     settings = summary["settings"]
@@ -186,6 +188,13 @@ def test_training_is_deterministic(tmp_path):
     assert first.final_loss == second.final_loss
     for name, value in first.arg_params.items():
         np.testing.assert_array_equal(value.asnumpy(), second.arg_params[name].asnumpy(), name)
+
+
+def test_nearest_mean_distance():
+    feats = np.array([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0]], dtype=np.float32)
+    means = np.array([[0.0, 1.0], [10.0, 0.5]])
+    np.testing.assert_allclose(cli._nearest_mean_distance(feats, means),
+                               [1.0, np.hypot(3.0, 3.0), 0.5])
 
 
 def test_optimizer_params():

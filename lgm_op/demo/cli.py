@@ -166,16 +166,26 @@ def _save_checkpoint(result, prefix):
     }
 
 
-def _abnormal_scores(result, settings, digits, digit_logits, seed):
-    """Scores of test digits and abnormal inputs under ``result`` and the AUROC of each kind."""
+def _nearest_mean_distance(features, means):
+    """features: (M, D), means: (K, D) -> (M,) Euclidean distance to the nearest class mean."""
+    gaps = features[:, None, :].astype(np.float64) - means[None, :, :]
+    return np.sqrt(np.min(np.sum(gaps * gaps, axis=2), axis=1))
+
+
+def _abnormal_scores(result, settings, digits, digit_feats, digit_logits, seed):
+    """Scores of test digits and abnormal inputs under ``result``, the AUROC of each kind and
+    the median distance of each set's features to their nearest class mean."""
     normal = likelihood_score(digit_logits)
     abnormal, aurocs = {}, {}
+    distances = {"digits": float(np.median(_nearest_mean_distance(digit_feats, result.means())))}
     for kind, images in abnormal_inputs(digits.test_x, seed).items():
-        abnormal[kind] = likelihood_score(predict(result, settings, images)[1])
+        feats, logits = predict(result, settings, images)
+        abnormal[kind] = likelihood_score(logits)
+        distances[kind] = float(np.median(_nearest_mean_distance(feats, result.means())))
         # A diverged model gives NaN scores, which cannot be ranked.
         ranked = not (np.isnan(normal).any() or np.isnan(abnormal[kind]).any())
         aurocs[kind] = auroc(normal, abnormal[kind]) if ranked else None
-    return normal, abnormal, aurocs
+    return normal, abnormal, aurocs, distances
 
 
 def _tasks(args):
@@ -226,14 +236,15 @@ def _run_model(task, args, position):
                              result.means(), variances)
     extras = {}
     if name in CHECKPOINT_NAMES:
-        extras["scores"] = _abnormal_scores(result, settings, digits, logits, args.seed)
+        extras["scores"] = _abnormal_scores(result, settings, digits, feats, logits, args.seed)
         extras["checkpoint"] = _save_checkpoint(result, prefix)
     return entry, panel, extras
 
 
 def _abnormal_summary(scores, feature_dim):
-    normal, abnormal, aurocs = scores
+    normal, abnormal, aurocs, distances = scores
     return {"feature_dim": feature_dim, "auroc": aurocs,
+            "nearest_mean_distance_median": {k: _json_number(v) for k, v in distances.items()},
             "digits_score_median": _json_number(np.median(normal)),
             "score_median": {k: _json_number(np.median(v)) for k, v in abnormal.items()}}
 
@@ -284,7 +295,7 @@ def run(args):
         feature_dim = args.detector_dim if name == DETECTOR else FEATURE_DIM
         scores = results[name][2]["scores"]
         abnormal["models"][name] = _abnormal_summary(scores, feature_dim)
-        rows.append((f"{MODEL_TITLES[name]} ({feature_dim}-D feature)",) + scores)
+        rows.append((f"{MODEL_TITLES[name]} ({feature_dim}-D feature)",) + scores[:3])
     if rows:
         # The headline AUROC is the detector's where there is one.
         headline = DETECTOR if DETECTOR in results else "full"
