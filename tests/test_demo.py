@@ -169,6 +169,8 @@ def test_no_abnormal_figure_without_an_lgm_model(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--detector-dim", "-1"], "--detector-dim must be >= 0"),
+    (["--clip-gradient", "-0.5"], "--clip-gradient must be >= 0"),
+    (["--clip-gradient", "nan"], "--clip-gradient must be >= 0"),
     (["--variants", "softmax", "--resume"], "--resume continues the full variant"),
     (["--variants", "full,bogus"], "variants must be a comma list"),
     (["--optimizer", "rmsprop"], "invalid choice"),

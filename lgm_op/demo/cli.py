@@ -124,6 +124,8 @@ def parse_args(argv=None):
         p.error("--resume continues the full variant: include it in --variants")
     if args.detector_dim < 0:
         p.error(f"--detector-dim must be >= 0 (0: no detector), got {args.detector_dim}")
+    if not args.clip_gradient >= 0:  # also refuses NaN
+        p.error(f"--clip-gradient must be >= 0 (0: no clipping), got {args.clip_gradient}")
     return args
 
 
@@ -175,13 +177,14 @@ def _nearest_mean_distance(features, means):
 def _abnormal_scores(result, settings, digits, digit_feats, digit_logits, seed):
     """Scores of test digits and abnormal inputs under ``result``, the AUROC of each kind and
     the median distance of each set's features to their nearest class mean."""
+    means = result.means()
     normal = likelihood_score(digit_logits)
     abnormal, aurocs = {}, {}
-    distances = {"digits": float(np.median(_nearest_mean_distance(digit_feats, result.means())))}
+    distances = {"digits": float(np.median(_nearest_mean_distance(digit_feats, means)))}
     for kind, images in abnormal_inputs(digits.test_x, seed).items():
         feats, logits = predict(result, settings, images)
         abnormal[kind] = likelihood_score(logits)
-        distances[kind] = float(np.median(_nearest_mean_distance(feats, result.means())))
+        distances[kind] = float(np.median(_nearest_mean_distance(feats, means)))
         # A diverged model gives NaN scores, which cannot be ranked.
         ranked = not (np.isnan(normal).any() or np.isnan(abnormal[kind]).any())
         aurocs[kind] = auroc(normal, abnormal[kind]) if ranked else None
@@ -207,10 +210,11 @@ def _run_model(task, args, position):
     name, variant, feature_dim = task
     settings = dataclasses.replace(settings_of(args), feature_dim=feature_dim)
     digits = load_digits(args.data).shrink(args.train_size)
-    prefix = os.path.join(args.out, CHECKPOINT_NAMES.get(name, f"lgm-{name}"))
+    # The full variant and the detector are checkpointed (and resumed); the others are not.
+    prefix = (os.path.join(args.out, CHECKPOINT_NAMES[name]) if name in CHECKPOINT_NAMES
+              else None)
     result = train_variant(variant, digits, settings, progress=not args.quiet, position=position,
-                           resume_prefix=prefix if args.resume and name in CHECKPOINT_NAMES
-                           else None, label=name)
+                           resume_prefix=prefix if args.resume else None, label=name)
     feats, logits = predict(result, settings, digits.test_x)
     accuracy = float(np.mean(np.argmax(logits, axis=1) == digits.test_y))
     log_var = result.log_var()
@@ -235,7 +239,7 @@ def _run_model(task, args, position):
         panel = FeaturePanel(VARIANT_TITLES[variant], feats, digits.test_y, accuracy,
                              result.means(), variances)
     extras = {}
-    if name in CHECKPOINT_NAMES:
+    if prefix is not None:
         extras["scores"] = _abnormal_scores(result, settings, digits, feats, logits, args.seed)
         extras["checkpoint"] = _save_checkpoint(result, prefix)
     return entry, panel, extras
@@ -273,6 +277,7 @@ def run(args):
     else:
         outputs = [_run_model(task, args, 0) for task in tasks]
     results = {name: output for (name, _, _), output in zip(tasks, outputs)}
+    feature_dims = {name: feature_dim for name, _, feature_dim in tasks}
     digits = load_digits(args.data).shrink(args.train_size)
 
     features_png = os.path.join(args.out, FEATURES_PNG)
@@ -282,7 +287,7 @@ def run(args):
                "figures": {"features": features_png}}
     if DETECTOR in results:
         summary["detector"] = dict(results[DETECTOR][0], variant="full",
-                                   feature_dim=args.detector_dim,
+                                   feature_dim=feature_dims[DETECTOR],
                                    checkpoint=results[DETECTOR][2]["checkpoint"])
 
     # The abnormal-input figure: a row for the detector and one for the 2-D full variant.
@@ -292,7 +297,7 @@ def run(args):
     for name in (DETECTOR, "full"):
         if name not in results:
             continue
-        feature_dim = args.detector_dim if name == DETECTOR else FEATURE_DIM
+        feature_dim = feature_dims[name]
         scores = results[name][2]["scores"]
         abnormal["models"][name] = _abnormal_summary(scores, feature_dim)
         rows.append((f"{MODEL_TITLES[name]} ({feature_dim}-D feature)",) + scores[:3])
