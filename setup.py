@@ -3,6 +3,8 @@ from setuptools import setup
 
 CUDA_RUNTIME = ["cupy-cuda12x==13.6.0", "nvidia-cuda-nvrtc-cu12>=12.0,<13"]
 DEMO = ["mlxtend>=0.23", "matplotlib>=3.7", "tqdm>=4.60"]
+# cuobjdump for benchmarks/sass_report.py, which the tests run (no GPU needed)
+SASS_TOOLS = ["nvidia-cuda-cuobjdump>=13.0,<14"]
 
 setup(
     name="lgm-op",
@@ -24,6 +26,6 @@ setup(
     extras_require={
         "gpu": CUDA_RUNTIME,
         "demo": DEMO,
-        "test": ["pytest>=7", "pytest-timeout>=2.1"] + DEMO + CUDA_RUNTIME,
+        "test": ["pytest>=7", "pytest-timeout>=2.1"] + DEMO + CUDA_RUNTIME + SASS_TOOLS,
     },
 )

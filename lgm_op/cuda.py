@@ -32,7 +32,7 @@ import numpy as np
 from .checks import check_float_dtype, check_shapes
 from .kernel_source import load_source, source_hash
 
-__all__ = ["lgm_forward_cuda", "lgm_backward_cuda", "ensure_nvrtc", "NVRTC_OPTIONS"]
+__all__ = ["lgm_forward_cuda", "lgm_backward_cuda", "ensure_nvrtc", "launch_grids", "NVRTC_OPTIONS"]
 
 # The sources are C++14 with no headers; no fast-math, so expf/exp keep their documented accuracy.
 NVRTC_OPTIONS = ("--std=c++14",)
@@ -51,6 +51,18 @@ _BLOCKS_PER_SM = 4
 # moderately sized test shapes, as a GPU would on large ones.
 _SIM_SM_COUNT = 4
 _GRID_YZ_MAX = 65535
+
+# (i, k, j) updates one thread makes per iteration of each contraction kernel's tile loop.
+MAIN_LOOP_UPDATES = {"forward": 4 * 4 * _STEP, "logits": 4 * 4 * _STEP,
+                     "backward_dx": 4 * 4 * _STEP, "backward_params": 4 * 4 * _STEP}
+
+# (source file, kernel, dtype, entry name) of every kernel the launchers use.
+KERNEL_ENTRIES = tuple(
+    [("lgm_labels.cu", "labels", t, f"lgm_labels_{t}") for t in ("f32", "f64", "i32", "i64")]
+    + [(f, base, t, f"lgm_{base}_{t}") for f, bases in (
+        ("lgm_forward.cu", ("forward", "logits", "lkd_rows")),
+        ("lgm_backward.cu", ("backward_dx", "backward_params", "sum_partials")))
+       for base in bases for t in ("f32", "f64")])
 
 _LABEL_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64",
                  np.dtype(np.int32): "i32", np.dtype(np.int64): "i64"}
@@ -139,6 +151,22 @@ class _Backend:
             raise ValueError(f"lgm: kernel {name} would need grid {grid}; the y and z extents "
                              f"are limited to {_GRID_YZ_MAX} (is K or D this large?)")
         self.function(file_name, name)(tuple(grid), (_THREADS,), tuple(args))
+
+
+def launch_grids(n, k, dim, sm_count, blocks_per_sm=None):
+    """{kernel: (grid, loop length per slice)} of the contraction kernels for (N, K, D).
+
+    blocks_per_sm: {kernel: resident blocks per multiprocessor}; the split loops aim at filling
+    that many blocks on each of the ``sm_count`` multiprocessors.
+    """
+    target = _BLOCKS_PER_SM * sm_count
+    dim_tiles = _ceil_div(dim, _TILE)
+    row_tiles, class_tiles = _ceil_div(n, _TILE), _ceil_div(k, _TILE)
+    dx_slices, dx_per = _slices(row_tiles * dim_tiles, k, target)
+    p_slices, p_per = _slices(class_tiles * dim_tiles, n, target)
+    return {"forward": ((row_tiles, class_tiles, 1), dim),
+            "backward_dx": ((row_tiles, dim_tiles, dx_slices), dx_per),
+            "backward_params": ((class_tiles, dim_tiles, p_slices), p_per)}
 
 
 def _slices(blocks, length, target_blocks):
