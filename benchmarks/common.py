@@ -21,7 +21,7 @@ import numpy as np
 __all__ = [
     "REPO_ROOT", "parse_sizes", "size_label", "make_inputs", "summarize", "measure",
     "rel_error", "compare", "run_record", "cpu_record", "versions", "git_record",
-    "environment_record", "memory_available_bytes", "gib", "format_ms", "format_table",
+    "environment_record", "memory_available_bytes", "gib", "format_ms", "short_ms", "format_table",
     "write_json", "write_csv", "perf_seconds", "load_average",
 ]
 
@@ -51,14 +51,16 @@ def parse_sizes(text):
     return sizes
 
 
-def add_measurement_args(parser, providers, max_seconds, tolerance, tolerance_help):
+def add_measurement_args(parser, providers, max_seconds, tolerance, tolerance_help, repeats=20,
+                         repeats_help="timed calls per measurement",
+                         max_seconds_help="stop repeating (after 3 calls) once a measurement "
+                                          "used this long"):
     """The options both benchmark scripts share: providers, repeats, warm-up, time cap, tolerance."""
     parser.add_argument("--providers", default=",".join(providers),
                         help="comma-separated subset of: " + ", ".join(providers))
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-    parser.add_argument("--max-seconds", type=float, default=max_seconds,
-                        help="stop repeating (after 3 calls) once a measurement used this long")
+    parser.add_argument("--max-seconds", type=float, default=max_seconds, help=max_seconds_help)
     parser.add_argument("--tolerance", type=float, default=tolerance, help=tolerance_help)
 
 
@@ -268,10 +270,12 @@ def format_ms(stats):
     """'12.3 (11.9-13.0)': median (min-max) in milliseconds, or '-' without a measurement."""
     if not stats:
         return "-"
-    return f"{_fmt(stats['median_ms'])} ({_fmt(stats['min_ms'])}-{_fmt(stats['max_ms'])})"
+    return (f"{short_ms(stats['median_ms'])} ({short_ms(stats['min_ms'])}-"
+            f"{short_ms(stats['max_ms'])})")
 
 
-def _fmt(ms):
+def short_ms(ms):
+    """Milliseconds rounded for a table: '1737', '15.8', '2.16', '0.512'."""
     if ms >= 100:
         return f"{ms:.0f}"
     if ms >= 10:

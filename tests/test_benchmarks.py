@@ -1,8 +1,12 @@
-"""The benchmark scripts: they run end to end on tiny sizes and write complete results; the
-Caffe-style baseline kernels of the GPU benchmark are correct; the GPU script needs no GPU to be
-imported or asked for help; failures and out-of-memory are recorded, not raised."""
+"""The benchmark scripts: they run end to end on tiny sizes and write complete results; the peers
+of the CPU benchmark and the Caffe-style baseline kernels of the GPU benchmark are correct; the
+README's CPU table is written from the JSON; the GPU script needs no GPU to be imported or asked
+for help; failures and out-of-memory are recorded, not raised."""
+import copy
 import csv
+import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import assert_close, make_inputs
+from common import SMALL_SHAPES, assert_close, make_inputs, option_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_cpu, bench_gpu  # noqa: E402
+from benchmarks import bench_cpu, bench_gpu, write_tables  # noqa: E402
 from benchmarks import common as bench_common  # noqa: E402
 from benchmarks.baselines.caffe_style import CaffeStyleLGM  # noqa: E402
 from lgm_op.options import LGMOptions  # noqa: E402
@@ -33,61 +37,246 @@ def _run(args, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # CPU benchmark
 
-def test_cpu_benchmark_end_to_end(tmp_path, capsys):
-    pytest.importorskip("mxnet")
-    code = bench_cpu.main(["--sizes", "8x3x2", "--repeats", "2", "--warmup", "1",
-                           "--out", str(tmp_path)])
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "ratio" in printed and "8x3x2" in printed
+CPU_ARGS = ["--sizes", "5x7x3,2x1x2", "--repeats", "3", "--warmup", "1",
+            "--memory-sizes", "6x5x4", "--memory-providers", "op,naive"]
 
-    record = json.loads((tmp_path / "cpu.json").read_text())
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """One tiny run of the CPU benchmark as a user starts it: (record, stdout)."""
+    pytest.importorskip("mxnet")
+    out = tmp_path_factory.mktemp("bench_cpu")
+    # unset, so the script has to set it for MXNet and run itself again
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = _run(["benchmarks/bench_cpu.py", *CPU_ARGS, "--out", str(out)], env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "cpu.json").read_text()), proc.stdout, out
+
+
+def test_cpu_benchmark_records_every_provider(cpu_run):
+    record, printed, out = cpu_run
+    assert record["format"] == write_tables.FORMAT
     for key in ("benchmark", "date_utc", "command", "hardware", "versions", "git", "environment",
-                "load_average_at_start", "settings", "results", "targets"):
+                "load_average_at_start", "settings", "threads", "results", "memory", "targets",
+                "load_average_at_end"):
         assert key in record, key
     assert record["hardware"]["cpu"]["model"] and record["hardware"]["cpu"]["logical_cores"] >= 1
     for name in ("python", "numpy", "mxnet", "lgm_op"):
         assert record["versions"][name], name
     assert set(record["git"]) == {"sha", "dirty"}
-    assert {"OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"} <= set(record["environment"])
-    assert record["settings"]["sizes"] == ["8x3x2"] and record["settings"]["repeats"] == 2
+    # MXNet's OpenMP on every core; the BLAS workarounds recorded as they were given
+    assert record["threads"]["OMP_NUM_THREADS"] == str(os.cpu_count())
+    assert record["environment"]["OMP_NUM_THREADS"] == str(os.cpu_count())
+    for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        assert record["environment"][name] == os.environ.get(name), name
+    blas = [lib for lib in record["threads"]["libraries"] if lib["user_api"] == "blas"]
+    assert any(lib["file"].startswith("numpy") for lib in blas), blas
+    assert all(lib["num_threads"] >= 1 for lib in blas)
 
-    (result,) = record["results"]
-    assert result["size"] == {"n": 8, "k": 3, "d": 2}
-    assert result["correctness"]["ok"]
-    assert set(result["correctness"]["max_rel_error"]) == set(bench_cpu.NAMES)
-    for provider in bench_cpu.PROVIDERS:
-        entry = result["providers"][provider]
+    assert [r["label"] for r in record["results"]] == ["5x7x3", "2x1x2"]
+    for result in record["results"]:
+        assert list(result["providers"]) == list(bench_cpu.PROVIDERS)
+        assert result["rounds"] == 3 and result["reference"]["dtype"] == "float64"
+        for name, entry in result["providers"].items():
+            assert entry["status"] == "ok", (name, entry)
+            assert len(entry["times_ms"]) == 3 and all(t > 0 for t in entry["times_ms"])
+            assert set(entry["stats"]) == STATS and entry["stats"]["repeats"] == 3
+            if name == bench_cpu.OP:
+                assert "ratio_to_op" not in entry
+            else:
+                assert entry["ratio_to_op"]["rounds"] == 3 and entry["ratio_to_op"]["median"] > 0
+            if entry["kind"] == "floor":
+                assert entry["correctness"] is None
+    (memory,) = record["memory"]
+    assert memory["label"] == "6x5x4" and list(memory["providers"]) == ["op", "naive"]
+    for entry in memory["providers"].values():
         assert entry["status"] == "ok", entry
-        for mode in ("forward", "forward_backward"):
-            assert set(entry[mode]) == STATS and entry[mode]["repeats"] == 2
-            assert 0 < entry[mode]["min_ms"] <= entry[mode]["median_ms"] <= entry[mode]["max_ms"]
-        assert entry["memory"]["status"] == "ok", entry["memory"]
-        assert entry["memory"]["peak_rss_growth_bytes"] >= 0
-    assert set(result["ratios"]) == {"forward", "forward_backward"}
-    assert len(record["targets"]) == len(bench_cpu.TARGETS)
+        assert entry["peak_rss_growth_bytes"] >= 0 and "VmHWM" in entry["method"]
+    assert [t["what"] for t in record["targets"]] == [t[0] for t in bench_cpu.TARGETS]
 
-    with open(tmp_path / "cpu.csv", newline="") as f:
+    for name, (label, _) in bench_cpu.PROVIDERS.items():
+        assert label in printed, name
+    with open(out / "cpu.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4  # two providers x two modes
-    for row in rows:
-        assert row["status"] == "ok" and float(row["median_ms"]) > 0
-        assert float(row["reference_over_op"]) > 0 and row["peak_rss_growth_mib"] != ""
+    assert len(rows) == 2 * len(bench_cpu.PROVIDERS) + 2
+    assert all(row["status"] == "ok" for row in rows)
+
+
+def test_cpu_benchmark_providers_agree_before_timing(cpu_run):
+    record = cpu_run[0]
+    tolerance = record["settings"]["tolerance"]
+    for result in record["results"]:
+        for name, entry in result["providers"].items():
+            if entry["kind"] == "loss":
+                check = entry["correctness"]
+                assert set(check["max_rel_error"]) == set(bench_cpu.NAMES), name
+                assert check["ok"] and max(check["max_rel_error"].values()) <= tolerance, (
+                    name, check)
+
+
+def test_cpu_benchmark_default_output_is_scratch():
+    out = Path(bench_cpu.parse_args([]).out).resolve()
+    assert out != (ROOT / "benchmarks" / "results").resolve()
+    proc = subprocess.run(["git", "check-ignore", "-q", str(out / "cpu.json")], cwd=ROOT,
+                          timeout=30)
+    assert proc.returncode == 0, f"{out} is not ignored by git"
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=bench_common.size_label)
+def test_cpu_benchmark_peers_match_reference(shape, rng, seed):
+    """The stock-op and NumPy versions of the loss compute SPEC sections 1-2 (float64)."""
+    pytest.importorskip("mxnet")
+    import mxnet as mx
+    from benchmarks.baselines.closed_form_numpy import NumpyGemmExpansion
+    from benchmarks.baselines.stock_mxnet import GemmExpansionLGM
+    n, k, d = shape
+    a = make_inputs(rng, n, k, d, "float64")
+    for opts in [o for o in option_sets(k) if not o.isotropic]:
+        want = numpy_forward(a["x"], a["y"], a["mu"], a["s"], opts, True) + numpy_grads(
+            a["x"], a["y"], a["mu"], a["s"], a["gz"], a["gl"], opts, True)
+        loss = NumpyGemmExpansion(a["x"], a["y"], a["mu"], a["s"], opts)
+        got = {"numpy": loss.forward() + loss.backward(a["gz"], a["gl"])}
+        for gemm, hybrid in itertools.product(("dot", "fully_connected"), (False, True)):
+            block = GemmExpansionLGM(opts, gemm, dtype="float64")
+            if hybrid:
+                block.hybridize(static_alloc=True, static_shape=True)
+            args = [mx.nd.array(a[name], dtype="float64") for name in ("x", "mu", "s")]
+            for arg in args:
+                arg.attach_grad()
+            with mx.autograd.record():
+                logits, lkd = block(args[0], mx.nd.array(a["y"], dtype="float64"), *args[1:])
+            mx.autograd.backward([logits, lkd], [mx.nd.array(a["gz"], dtype="float64"),
+                                                 mx.nd.array(a["gl"], dtype="float64")])
+            got[f"{gemm} hybrid={hybrid}"] = [logits.asnumpy(), lkd.asnumpy()] + [
+                arg.grad.asnumpy() for arg in args]
+        for what, values in got.items():
+            for name, g, w in zip(bench_cpu.NAMES, values, want):
+                assert_close(g, w, 1e-9, f"{what} {name} {shape} {opts}", seed)
+
+
+def test_cpu_benchmark_floors_do_what_they_claim(rng):
+    pytest.importorskip("mxnet")
+    import mxnet as mx
+    from benchmarks.baselines.closed_form_numpy import SixGemms
+    from benchmarks.baselines.stock_mxnet import NOOP_OP_TYPE
+    a = bench_common.make_inputs(6, 5, 3, seed=1)
+    gemms = SixGemms(a["x"], a["mean"], a["log_var"], a["grad_logits"])
+    gemms.run()
+    x, iv = a["x"].astype(np.float64), np.exp(-a["log_var"].astype(np.float64))
+    mean_iv, g = a["mean"] * iv, a["grad_logits"].astype(np.float64)
+    for got, want in zip(gemms.out_nk + gemms.out_nd + gemms.out_kd,
+                         [(x * x) @ iv.T, x @ mean_iv.T, g @ iv, g @ mean_iv, g.T @ x,
+                          g.T @ (x * x)]):
+        assert_close(got, want, 1e-5, "six GEMMs", 1, atol_scale=1e-6)
+    # the no-op CustomOp writes zeros where req is write, and leaves an 'add' gradient alone
+    nd = {name: mx.nd.array(value) for name, value in a.items()}
+    nd["x"].attach_grad(grad_req="add")
+    nd["x"].grad[:] = 3
+    nd["mean"].attach_grad()
+    nd["mean"].grad[:] = 3
+    with mx.autograd.record():
+        logits, lkd = mx.nd.Custom(nd["x"], nd["label"], nd["mean"], nd["log_var"],
+                                   op_type=NOOP_OP_TYPE, num_classes=5)
+    mx.autograd.backward([logits, lkd], [nd["grad_logits"], nd["grad_lkd"]])
+    assert logits.shape == (6, 5) and lkd.shape == (6,)
+    assert not logits.asnumpy().any() and not lkd.asnumpy().any()
+    assert (nd["x"].grad.asnumpy() == 3).all() and not nd["mean"].grad.asnumpy().any()
+
+
+def _tiny_args(providers):
+    return bench_cpu.parse_args(["--sizes", "4x3x2", "--repeats", "3", "--warmup", "1",
+                                 "--providers", ",".join(providers)])
+
+
+def test_cpu_benchmark_records_wrong_and_failing_providers(monkeypatch):
+    pytest.importorskip("mxnet")
+    calls = []
+
+    def wrong_results(self):
+        good = dict(zip(bench_cpu.NAMES, self._results))
+        return {**good, "grad_mean": good["grad_mean"] + 1}
+
+    def fails_in_second_round(self):
+        calls.append(1)
+        if len(calls) >= 4:  # the check, one warm-up, one round
+            raise MemoryError("no room")
+
+    monkeypatch.setattr(bench_cpu.NumpyClosedForm, "results", wrong_results)
+    monkeypatch.setattr(bench_cpu.Gemms, "step", fails_in_second_round)
+    record = bench_cpu.bench_size((4, 3, 2), _tiny_args(["op", "numpy", "gemms"]))
+    op, numpy_, gemms = (record["providers"][n] for n in ("op", "numpy", "gemms"))
+    assert op["status"] == "ok" and len(op["times_ms"]) == 3
+    assert numpy_["status"].startswith("incorrect") and "times_ms" not in numpy_
+    assert numpy_["correctness"]["max_rel_error"]["grad_mean"] > 1e-4
+    assert gemms["status"].startswith("out of memory"), gemms
+    assert gemms["times_ms"][0] > 0 and gemms["times_ms"][1:] == [None, None]
+    assert gemms["ratio_to_op"]["rounds"] == 1
 
 
 def test_cpu_memory_guard_skips_what_cannot_fit(monkeypatch):
     monkeypatch.setattr(bench_common, "memory_available_bytes", lambda: 8 * 2**30)
-    result = bench_cpu.peak_memory(bench_cpu.REFERENCE, (1024, 10000, 256), seed=0)
+    result = bench_cpu.peak_memory(bench_cpu.NAIVE, (1024, 10000, 256), seed=0)
     assert result["status"].startswith("skipped: needs ~68 GiB"), result
     assert bench_cpu.fit_problem(bench_cpu.OP, (1024, 10000, 256)) is None
 
 
 def test_cpu_memory_child_reports_out_of_memory():
     pytest.importorskip("mxnet")
-    # 400 MB of address space above the interpreter's: the reference needs ~0.9 GB here
-    result = bench_cpu.peak_memory(bench_cpu.REFERENCE, (256, 1000, 128), seed=0,
+    # 400 MB of address space above the interpreter's: the naive reference needs ~0.9 GB here
+    result = bench_cpu.peak_memory(bench_cpu.NAIVE, (256, 1000, 128), seed=0,
                                    headroom_bytes=400 * 2**20)
     assert result["status"].startswith(("out of memory", "failed: killed")), result
+
+
+# ---------------------------------------------------------------------------------------------
+# the README's CPU table
+
+def test_write_tables_round_trip(cpu_run, tmp_path):
+    record, _, out = cpu_run
+    readme = tmp_path / "README.md"
+    original = (ROOT / "README.md").read_text()
+    readme.write_text(original)
+    args = ["--json", str(out / "cpu.json"), "--readme", str(readme)]
+    assert write_tables.main(args) == 0
+    written = readme.read_text()
+    start = written.index(write_tables.README_START) + len(write_tables.README_START)
+    end = written.index(write_tables.README_END)
+    block = written[start:end]
+    # nothing outside the markers changes
+    assert written[:start] + written[end:] == original[:original.index(
+        write_tables.README_START) + len(write_tables.README_START)] + original[
+        original.index(write_tables.README_END):]
+    # the figures are the record's
+    machine = record["hardware"]["cpu"]["model"]
+    assert machine in block and record["git"]["sha"][:10] in block
+    for result in record["results"]:
+        for name, entry in result["providers"].items():
+            cell = f"{bench_common.short_ms(entry['stats']['median_ms'])} ms"
+            if name != "op":
+                cell += f" ({write_tables.format_ratio(entry['ratio_to_op']['median'])})"
+            assert f"| {entry['label']} |" in block and f"| {cell} |" in block, (name, cell)
+    assert write_tables.main(args + ["--check"]) == 0
+    assert write_tables.main(args) == 0 and readme.read_text() == written  # idempotent
+    # a different record: the check sees it
+    changed_record = copy.deepcopy(record)
+    changed_record["results"][0]["providers"]["op"]["stats"]["median_ms"] *= 2
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(changed_record))
+    assert write_tables.main(["--json", str(changed), "--readme", str(readme), "--check"]) == 1
+    readme.write_text("no markers here\n")
+    assert write_tables.main(args) == 2
+
+
+def test_recorded_results_and_readme_table():
+    path = ROOT / "benchmarks" / "results" / "cpu.json"
+    record = json.loads(path.read_text())
+    assert record["git"]["sha"] and record["hardware"]["cpu"]["model"]
+    if record.get("format") != write_tables.FORMAT:
+        pytest.skip(f"{path.name} predates the current benchmark (format "
+                    f"{record.get('format')!r}); the README table is written once it is recorded")
+    assert [r["label"] for r in record["results"]] == bench_cpu.DEFAULT_SIZES.split(",")
+    assert [m["label"] for m in record["memory"]] == bench_cpu.DEFAULT_MEMORY_SIZES.split(",")
+    assert write_tables.main(["--check"]) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,10 +440,3 @@ def test_stats_and_errors():
     assert bench_common.rel_error([1.0, 2.0], [1.0, 4.0]) == pytest.approx(0.5)
     assert np.isnan(bench_common.rel_error([np.nan], [1.0]))
     assert not bench_common.compare({"a": [np.nan]}, {"a": [1.0]}, 1e-4)["ok"]
-
-
-def test_results_committed_with_every_field():
-    path = ROOT / "benchmarks" / "results" / "cpu.json"
-    record = json.loads(path.read_text())
-    assert record["git"]["sha"] and record["hardware"]["cpu"]["model"]
-    assert {r["label"] for r in record["results"]} >= {"256x100x64", "256x1000x128"}

@@ -1,1 +1,1 @@
-"""Baseline implementations the GPU benchmark compares the lgm kernels with."""
+"""Baseline implementations the benchmarks compare the lgm operator and kernels with."""
