@@ -1,48 +1,99 @@
 """Making errors raised inside the operator visible in the exception the user catches.
 
-MXNet 1.9 runs a custom operator's callbacks on its own worker threads. An exception there is
-printed, and the user gets a generic ``MXNetError`` ("Check failed: ... CustomOpFBFunc ...") at the
-next synchronisation point, without the original message. This module records the messages of
-failures inside ``lgm`` callbacks, and appends them to that generic error when MXNet raises it,
-so ``except MXNetError as e: print(e)`` shows, for instance,
+MXNet 1.9 calls a custom operator's Python callbacks through C++ and reports a failure there as
+a generic ``MXNetError`` that names the callback but not the reason ("Check failed:
+reinterpret_cast<CustomOpFBFunc>(params.info->callbacks[kCustomOpForward])(...)"); the Python
+exception itself is only printed. This module records the message of each failure inside an
+``lgm`` callback and appends it to the generic error MXNet raises for it, so
+``except MXNetError as e: print(e)`` shows, for instance,
 ``lgm forward: ValueError: lgm: label must hold integers in [0, 10), got 12.0 at index 3``.
-Only errors whose text names a custom-operator callback are extended, and each recorded message is
-reported once.
+
+How a message is tied to its call:
+
+- Shape, type and storage inference and operator creation run in the thread that issued the call,
+  and MXNet raises their failure from that same C API call: the message goes to the next error of
+  that callback kind raised in that thread.
+- Forward and backward run on MXNet's worker threads, and MXNet raises each failure once, at the
+  next synchronisation on an array it reached (or ``waitall``). The message goes to an error of
+  that kind (forward or backward) raised in the thread that created the operator (the calling
+  thread for ``mx.nd.Custom`` and Gluon, the binding thread for executors), oldest first.
+- Every message is appended at most once; an error of another kind, another thread's error, and
+  an error that does not name a custom-operator callback are returned unchanged. Messages of a
+  thread that has ended are dropped with the thread, and at most a few per thread and kind wait.
+
+What remains MXNet's own behaviour (``src/operator/custom/custom-inl.h``, ``CustomOperator``):
+one exception slot, ``exception_``, for every custom operator in the process. A failing callback
+stores its exception there, and the next custom-operator completion to run (``Throw()`` in the
+``CustomOperatorWait`` step), whichever call it belongs to, takes it and fails; a second failure
+before that overwrites the first. So while custom-operator calls run concurrently, a call with
+good input can fail with another call's error (lgm then appends nothing, unless that thread has
+a failure of its own waiting), and a failing call can complete without error, its outputs never
+written. Since every custom operator's failure has the same text, a failure of another library's
+custom operator raised in a thread while an unread ``lgm`` failure of that thread waits cannot be
+told apart from it.
 """
 import collections
 import contextlib
 import threading
+import weakref
 
 import mxnet.base as _base
 
-__all__ = ["recording", "note"]
+__all__ = ["recording", "note", "STAGE_MARKERS"]
+
+# stage of an lgm callback -> the text MXNet's error names that callback by (custom.cc)
+STAGE_MARKERS = {
+    "forward": "callbacks[kCustomOpForward]",
+    "backward": "callbacks[kCustomOpBackward]",
+    "infer_shape": "CustomOpInferShapeFunc",
+    "infer_type": "CustomOpInferTypeFunc",
+    "infer_storage_type": "CustomOpInferStorageTypeFunc",
+    "infer_storage_type_backward": "CustomOpBackwardInferStorageTypeFunc",
+    "create_operator": "CustomOpCreateFunc",
+}
+# failures of these stages are raised by the call that ran them: only the latest one can be due
+_SYNCHRONOUS = {"infer_shape", "infer_type", "infer_storage_type",
+                "infer_storage_type_backward", "create_operator"}
+_WAITING_PER_STAGE = 8
 
 _lock = threading.Lock()
-_pending = collections.deque(maxlen=32)
-_MARKERS = ("CustomOpFBFunc", "CustomOp", "custom.cc")
+# thread -> {stage: deque of messages}; a thread's entry goes when the thread object does
+_pending = weakref.WeakKeyDictionary()
 
 
-def note(message):
-    """Record one failure message for the next generic custom-operator error."""
+def note(stage, message, thread=None):
+    """Record the message of a failed ``stage`` callback of a call issued by ``thread``
+    (default: the current thread)."""
+    thread = threading.current_thread() if thread is None else thread
     with _lock:
-        _pending.append(message)
+        stages = _pending.setdefault(thread, {})
+        waiting = stages.setdefault(stage, collections.deque(
+            maxlen=1 if stage in _SYNCHRONOUS else _WAITING_PER_STAGE))
+        waiting.append(message)
 
 
 @contextlib.contextmanager
-def recording(stage):
-    """Record any exception escaping the block (then let it propagate unchanged)."""
+def recording(stage, thread=None):
+    """Record any exception escaping the block (then let it propagate unchanged).
+
+    stage: a key of ``STAGE_MARKERS``. thread: the thread that issued the call (default: the
+    current one; forward and backward run on MXNet's threads and pass the operator's creator).
+    """
     try:
         yield
     except Exception as exc:
-        note(f"lgm {stage}: {type(exc).__name__}: {exc}")
+        note(stage, f"lgm {stage}: {type(exc).__name__}: {exc}", thread)
         raise
 
 
-def _take():
+def _take(text):
+    """The message waiting for an error with this text in the current thread, or None."""
+    stage = next((s for s, marker in STAGE_MARKERS.items() if marker in text), None)
+    if stage is None:
+        return None
     with _lock:
-        out = list(_pending)
-        _pending.clear()
-    return out
+        waiting = _pending.get(threading.current_thread(), {}).get(stage)
+        return waiting.popleft() if waiting else None
 
 
 def _install():
@@ -53,14 +104,13 @@ def _install():
     def get_last_ffi_error():
         err = original()
         text = str(err)
-        if any(marker in text for marker in _MARKERS):
-            messages = _take()
-            if messages:
-                try:
-                    return type(err)(text + "\n" + "\n".join(messages))
-                except TypeError:  # an error class with another constructor: leave it as is
-                    return err
-        return err
+        message = _take(text)
+        if message is None:
+            return err
+        try:
+            return type(err)(text + "\n" + message)
+        except TypeError:  # an error class with another constructor: leave it as is
+            return err
 
     get_last_ffi_error._lgm_wrapped = True
     _base.get_last_ffi_error = get_last_ffi_error

@@ -11,6 +11,7 @@ Arguments: ``data`` (N, D), ``label`` (N,) (absent when ``with_label=False``), `
 schedule. Outputs: ``logits`` (N, K), ``lkd`` (N,).
 """
 import os
+import threading
 
 import mxnet as mx
 import numpy as np
@@ -18,19 +19,24 @@ import numpy as np
 from . import errors
 from .checks import check_float_dtype, check_shapes, param_shapes
 from .cpu import lgm_backward_cpu, lgm_forward_cpu
-from .options import parse_options
-from .schedule import SCHEDULE_DEFAULTS, parse_schedule
+from .options import parse_attributes
+from .schedule import check_iteration
 
 __all__ = ["LGMOp", "LGMOpProp", "SIMULATOR_ENV"]
 
 SIMULATOR_ENV = "LGM_OP_CUDASIM"
+_SIMULATOR_VALUES = {None: "cpu", "0": "cpu", "1": "sim"}
 
 
 def _backend(ctx):
     """'gpu', 'sim' (the CUDA kernels on the CPU simulator) or 'cpu' (NumPy/BLAS)."""
     if ctx.device_type == "gpu":
         return "gpu"
-    return "sim" if os.environ.get(SIMULATOR_ENV, "") == "1" else "cpu"
+    value = os.environ.get(SIMULATOR_ENV)
+    if value not in _SIMULATOR_VALUES:
+        raise ValueError(f"lgm: environment variable {SIMULATOR_ENV} must be unset, 0 (NumPy "
+                         f"path) or 1 (CUDA kernels on the CPU simulator), got {value!r}")
+    return _SIMULATOR_VALUES[value]
 
 
 class LGMOp(mx.operator.CustomOp):
@@ -43,6 +49,8 @@ class LGMOp(mx.operator.CustomOp):
         self.backend = backend
         # the options of the last forward, its margin included: backward differentiates that
         self._last_opts = opts
+        # the thread that issued the call: a failure's message is delivered to its error there
+        self._thread = threading.current_thread()
 
     # Each framework-free implementation takes and returns arrays of its own kind.
     def _functions(self):
@@ -63,11 +71,11 @@ class LGMOp(mx.operator.CustomOp):
         opts = self.opts
         if self.schedule.is_constant or not (is_train and opts.with_label):
             return opts.replace_alpha(opts.margin(is_train)), None
-        iteration = int(aux[0].asscalar())
+        iteration = check_iteration(aux[0].asscalar())
         return opts.replace_alpha(self.schedule.value(opts.alpha, iteration)), iteration + 1
 
     def forward(self, is_train, req, in_data, out_data, aux):
-        with errors.recording("forward"):
+        with errors.recording("forward", self._thread):
             opts, next_iteration = self._margin(is_train, aux)
             self._last_opts = opts
             forward, _ = self._functions()
@@ -83,7 +91,7 @@ class LGMOp(mx.operator.CustomOp):
                 aux[0][:] = next_iteration
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
-        with errors.recording("backward"):
+        with errors.recording("backward", self._thread):
             opts = self._last_opts
             _, backward = self._functions()
             x, label, mu, s = self._split(in_data)
@@ -156,15 +164,12 @@ class LGMOpProp(mx.operator.CustomOpProp):
     def __init__(self, **attrs):
         super().__init__(need_top_grad=True)
         # An exception here would abort the process (MXNet calls this from C++ with no handler):
-        # keep what went wrong and raise it from infer_shape, where MXNet reports it.
+        # keep what went wrong and raise it from the first inference callback, which MXNet reports.
         self._error = None
         self.opts = None
         self.schedule = None
         try:
-            schedule_attrs = {k: v for k, v in attrs.items() if k in SCHEDULE_DEFAULTS}
-            op_attrs = {k: v for k, v in attrs.items() if k not in SCHEDULE_DEFAULTS}
-            self.opts = parse_options(op_attrs)
-            self.schedule = parse_schedule(schedule_attrs)
+            self.opts, self.schedule = parse_attributes(attrs)
         except ValueError as exc:
             self._error = exc
         self._with_label = self.opts.with_label if self.opts else str(
@@ -173,7 +178,6 @@ class LGMOpProp(mx.operator.CustomOpProp):
 
     def _check(self):
         if self._error is not None:
-            errors.note(f"{type(self._error).__name__}: {self._error}")
             raise self._error
 
     def list_arguments(self):
@@ -187,10 +191,14 @@ class LGMOpProp(mx.operator.CustomOpProp):
         return ["margin_iter"] if self._with_aux else []
 
     def infer_shape(self, in_shape):
-        self._check()
         with errors.recording("infer_shape"):
+            self._check()
             shapes = dict(zip(self.list_arguments(), [tuple(s) for s in in_shape]))
             data = shapes["data"]
+            if not data:  # unknown (infer_shape_partial): complete it from the others if they tell
+                data = self._data_shape_from(shapes)
+                if data is None:
+                    return self._partial_shapes(shapes)
             if len(data) == 2 and min(data) <= 0:
                 raise ValueError(f"lgm: data must have a known, non-zero shape (N, D), got {data} "
                                  "(MXNet 1.x reads a 0 dimension as unknown, so an empty batch "
@@ -203,9 +211,24 @@ class LGMOpProp(mx.operator.CustomOpProp):
             aux = [(1,)] if self._with_aux else []
             return args, [(n, self.opts.num_classes), (n,)], aux
 
+    def _data_shape_from(self, shapes):
+        """(N, D) from the label's and the parameters' shapes, or None when they leave it open."""
+        n = _batch_size(shapes)
+        dims = [shape[1] for name, shape in shapes.items() if name in ("mean", "log_var")
+                and len(shape) == 2 and shape[1] > 0 and not (name == "log_var" and
+                                                              self.opts.isotropic)]
+        return None if n is None or not dims else (n, dims[0])
+
+    def _partial_shapes(self, shapes):
+        """What is known while ``data``'s shape is not: unknown shapes stay unknown (())."""
+        n = _batch_size(shapes)
+        args = [shapes[name] for name in self.list_arguments()]
+        outputs = [(n, self.opts.num_classes), (n,)] if n else [(), ()]
+        return args, outputs, [(1,)] if self._with_aux else []
+
     def infer_type(self, in_type):
-        self._check()
         with errors.recording("infer_type"):
+            self._check()
             types = dict(zip(self.list_arguments(), in_type))
             dtype = check_float_dtype("data", types["data"]).type
             for name in ("mean", "log_var"):
@@ -220,9 +243,43 @@ class LGMOpProp(mx.operator.CustomOpProp):
                 if np.dtype(label).kind not in "fiu":
                     raise ValueError(f"lgm: label must have a real dtype, got {np.dtype(label).name}")
                 args[1] = np.dtype(label).type
-            aux = [dtype] if self._with_aux else []
+            # the schedule's counter is float64 whatever the data: it counts exactly to 2^53
+            aux = [np.float64] if self._with_aux else []
             return args, [dtype, dtype], aux
 
+    def infer_storage_type(self, in_stype):
+        with errors.recording("infer_storage_type"):
+            self._check()
+            _check_dense(zip(self.list_arguments(), in_stype))
+            return (["default"] * len(in_stype), ["default"] * len(self.list_outputs()),
+                    ["default"] * len(self.list_auxiliary_states()))
+
+    def infer_storage_type_backward(self, ograd_stype, in_stype, out_stype, igrad_stype,
+                                    aux_stype):
+        with errors.recording("infer_storage_type_backward"):
+            self._check()
+            outputs, arguments = self.list_outputs(), self.list_arguments()
+            _check_dense(zip([f"the gradient of {name}" for name in outputs], ograd_stype))
+            _check_dense(zip([f"the gradient of {name}" for name in arguments], igrad_stype))
+            return [["default"] * len(stypes) for stypes in
+                    (ograd_stype, in_stype, out_stype, igrad_stype, aux_stype)]
+
+
     def create_operator(self, ctx, shapes, dtypes):
-        self._check()
-        return LGMOp(self.opts, self.schedule, _backend(ctx))
+        with errors.recording("create_operator"):
+            self._check()
+            return LGMOp(self.opts, self.schedule, _backend(ctx))
+
+
+def _batch_size(shapes):
+    """N from the label's shape when it is known, else None."""
+    label = shapes.get("label", ())
+    return label[0] if len(label) == 1 and label[0] > 0 else None
+
+
+def _check_dense(named_stypes):
+    """Every array the operator reads or writes is dense: sparse storage is a clear error."""
+    for name, stype in named_stypes:
+        if stype not in ("default", "undefined"):
+            raise ValueError(f"lgm: {name} must have default (dense) storage, got {stype} "
+                             "storage (convert it with .tostype('default'))")

@@ -121,7 +121,7 @@ def test_bad_attributes_at_construction():
         lgm_op.lgm(data, label, 3, alpha=-1)
     with pytest.raises(ValueError, match=r"num_classes must be an integer >= 1, got 0"):
         lgm_op.LGMLoss(0)
-    with pytest.raises(ValueError, match=r"lambda_ must be a float >= 0, got -0.1"):
+    with pytest.raises(ValueError, match=r"lambda_ must be a finite float >= 0, got -0.1"):
         lgm_op.LGMLoss(3, lambda_=-0.1)
     with pytest.raises(ValueError, match=r"unknown attribute\(s\) beta"):
         lgm_op.LGMLoss(3, beta=1)
