@@ -1,130 +1,373 @@
-"""The CPU path: forward and backward of SPEC sections 1-2 as NumPy/BLAS closed forms.
+"""The CPU path: forward and backward of SPEC sections 1-2 as BLAS closed forms, framework-free.
 
 Every N x K x D contraction is expanded into matrix products, so memory is O(N*K + N*D + K*D):
-    sum_j (x_ij - mu_kj)^2 iv_kj = (x^2) iv^T - 2 x (mu*iv)^T + sum_j mu_kj^2 iv_kj
-Two numerical choices keep the expansion as accurate as the direct form:
-- everything is computed in float64 and rounded once at the end, so float32 callers get results
-  within half an ulp of the float64 answer;
-- features and means are first shifted by the mean of the class means. Distances do not change,
-  but the three terms of the expansion shrink, and so does their cancellation when the features sit
-  far from the origin (the error of the expansion scales with |x|^2 / d, not with d).
 
-Framework-free: NumPy arrays in, NumPy arrays out; the launchers in ``cuda.py`` share these
-signatures.
+    2 d[i,k] = sum_j (x_ij - mu_kj)^2 iv_kj = A[i,k] + B[k] + C[i,k]
+    A = (x^2) iv^T,   B[k] = sum_j mu_kj^2 iv_kj,   C = -2 x (mu*iv)^T
+
+The products run in the input's precision (float32 inputs in float32 BLAS, float64 in float64).
+Accuracy comes by construction, not from a wider type:
+
+- Features and means are shifted by a centroid of the class means (the median over finite class
+  means, so a non-finite or huge mean cannot move it). Distances do not change; the terms shrink.
+- The expansion tells where it may have cancelled: its rounding error is a few ulps of A + B, so
+  an entry whose distance is small against A + B (``2d * tau < A + B``) is recomputed directly,
+  ``sum_j (x_ij - mu_kj)^2 iv_kj`` in float64, from the unshifted inputs. So is every entry of the
+  label column (``lkd`` and the margin logit: where training puts the features, the distance to the
+  own class is tiny), every entry of a sample with a non-finite feature, and every entry of a class
+  with a non-finite mean or log-variance (or whose terms overflow): non-finite values reach only
+  their own row or column, as the math says (SPEC section 4).
+- In backward the same label column, rows and columns enter directly (their upstream gradient is
+  taken out of the matrix products), so gradients near the class means do not cancel either.
+
+Framework-free: NumPy arrays in, NumPy arrays out, optionally written into caller-given buffers
+(``out``); the launchers in ``cuda.py`` share these signatures.
 """
+import threading
+
 import numpy as np
 
 from .checks import validate_labels_numpy
 
-__all__ = ["lgm_forward_cpu", "lgm_backward_cpu", "clamp_log_var"]
+__all__ = ["lgm_forward_cpu", "lgm_backward_cpu", "CPUState", "clamp_log_var"]
+
+# An expanded entry is kept when 2d * tau >= A + B. Its rounding error is then at most a few ulps
+# of tau * d: float32 keeps only entries that did not cancel at all (the error of the float32
+# direct form is itself a few ulps of d); float64 has room to spare against SPEC's 1e-9.
+_TAU = {np.dtype(np.float32): 2.0, np.dtype(np.float64): 1e3}
+# Classes sampled for the centroid: a median over this many means is as good a shift as any.
+_CENTROID_ROWS = 255
+# Entries computed directly per chunk (times D float64 values in flight).
+_DIRECT_CHUNK = 1 << 21
 
 
-def clamp_log_var(log_var, opts):
-    """c = clip(s, logvar_min, logvar_max) in float64 and the mask where gradient passes."""
-    s = np.asarray(log_var, dtype=np.float64)
-    c = np.clip(s, opts.logvar_min, opts.logvar_max)
-    passes = (s >= opts.logvar_min) & (s <= opts.logvar_max)
-    return c, passes
+_local = threading.local()
 
 
-class _Prepared:
-    """Float64 operands shared by forward and backward.
+def _scratch(name, shape, dtype):
+    """A per-thread work buffer, kept between calls: fresh pages for every N x K or K x D
+    temporary would cost more than the pass that fills them."""
+    store = _local.__dict__.setdefault("buffers", {})
+    buf = store.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = store[name] = np.empty(shape, dtype)
+    return buf
 
-    xc: (N, D) shifted features; mc: (K, D) shifted means; iv: (K, D) inverse variances;
-    log_det: (K,) log |Sigma_k|; passes: like log_var, where the clamp passes gradient.
+
+def clamp_log_var(log_var, opts, dtype=np.float64):
+    """c = clip(s, logvar_min, logvar_max) in ``dtype`` (NaN stays NaN)."""
+    real = np.dtype(dtype).type
+    return np.clip(np.asarray(log_var).astype(dtype, copy=False), real(opts.logvar_min),
+                   real(opts.logvar_max))
+
+
+
+
+def _centroid(mu):
+    """(D,) median of the finite class means (of an even sample of them), zeros if none."""
+    k = mu.shape[0]
+    sample = mu if k <= _CENTROID_ROWS else mu[np.linspace(0, k - 1, _CENTROID_ROWS).astype(
+        np.int64)]
+    finite = np.isfinite(sample).all(axis=1)
+    if not finite.all() and k > _CENTROID_ROWS:  # non-finite means among the sample: use them all
+        sample = mu
+        finite = np.isfinite(sample).all(axis=1)
+    if not finite.any():
+        return np.zeros(mu.shape[1], mu.dtype)
+    return np.median(sample[finite], axis=0).astype(mu.dtype)
+
+
+class _Classes:
+    """Per-class operands in the input's precision, shared by forward and backward.
+
+    iv: (K, D) or (K, 1) inverse variances; mc: (K, D) shifted means; mciv: (K, D) mc * iv;
+    sq: (K,) B = sum_j mc^2 iv; bad: indices of the classes whose mean or log-variance is not
+    finite or whose terms overflow (B is then not finite, since its terms are mc^2 iv >= 0); they
+    are zeroed in iv, mc, mciv and sq so the matrix products stay finite, and computed directly;
+    shift: (D,) the centroid.
     """
 
-    def __init__(self, x, mu, s, opts):
-        x = np.asarray(x, dtype=np.float64)
-        mu = np.asarray(mu, dtype=np.float64)
-        dim = x.shape[1]
-        c, self.passes = clamp_log_var(s, opts)
-        self.iv = np.broadcast_to(np.exp(-c), mu.shape)
-        self.log_det = c[:, 0] * dim if opts.isotropic else c.sum(axis=1)
-        shift = mu.mean(axis=0) if mu.shape[0] else np.zeros(dim)
-        self.xc = x - shift
-        self.mc = mu - shift
+    def __init__(self, mu, log_var, opts, dtype):
+        self.mu = mu
+        self.log_var = log_var
+        self.opts = opts
+        self.shift = _centroid(mu)
+        self.c = clamp_log_var(log_var, opts, dtype)
+        self.iv = np.negative(self.c)
+        np.exp(self.iv, out=self.iv)
+        self.mc = mu - self.shift
         self.mciv = self.mc * self.iv
+        self.sq = np.einsum("kj,kj->k", self.mc, self.mciv)
+        self.bad = np.flatnonzero(~np.isfinite(self.sq))
+        if self.bad.size:
+            for a in (self.iv, self.mc, self.mciv, self.sq):
+                a[self.bad] = 0
 
-    def half_mahalanobis(self):
-        """d: (N, K), 0.5 * sum_j (x_ij - mu_kj)^2 iv_kj, by three matrix products."""
-        d = (self.xc * self.xc) @ self.iv.T
-        d -= 2.0 * (self.xc @ self.mciv.T)
-        d += np.einsum("kj,kj->k", self.mc, self.mciv)[None, :]
-        d *= 0.5
-        # Rounding can leave a tiny negative where x equals a mean; a distance is never negative.
-        np.maximum(d, 0.0, out=d)
-        return d
+    def blocked(self):
+        """Flat indices of log-variances outside [logvar_min, logvar_max] (or NaN): the clamp
+        passes no gradient there (the clamped value differs from the input exactly there)."""
+        return np.flatnonzero(self.c != self.log_var)
+
+    def half_log_det(self):
+        """(K,) 0.5 log|Sigma_k| in the input's dtype, summed in float64."""
+        c = self.c
+        dim = self.mu.shape[1]
+        log_det = c[:, 0].astype(np.float64) * dim if self.opts.isotropic else c.sum(
+            axis=1, dtype=np.float64)
+        return (0.5 * log_det).astype(c.dtype)
+
+    def direct(self, x, rows, cols):
+        """(M,) float64 half distances 0.5 * sum_j (x_ij - mu_kj)^2 iv_kj for entries (rows, cols),
+        from the unshifted inputs, in chunks."""
+        out = np.empty(rows.size, np.float64)
+        step = max(1, _DIRECT_CHUNK // x.shape[1])
+        for lo in range(0, rows.size, step):
+            r, k = rows[lo:lo + step], cols[lo:lo + step]
+            diff = x[r].astype(np.float64) - self.mu[k].astype(np.float64)
+            diff *= diff
+            iv = self.iv64(k)
+            if iv.shape[1] == 1:
+                out[lo:lo + step] = 0.5 * diff.sum(axis=1) * iv[:, 0]
+            else:
+                out[lo:lo + step] = 0.5 * np.einsum("mj,mj->m", diff, iv)
+        return out
+
+    def iv64(self, cols):
+        """(M, D) or (M, 1) float64 inverse variances of the classes ``cols``."""
+        c = clamp_log_var(np.asarray(self.log_var)[cols], self.opts, np.float64)
+        return np.exp(-c)
 
 
-def lgm_forward_cpu(x, label, mu, log_var, opts, training):
+def _shifted_features(x, classes):
+    """xc: (N, D) features minus the centroid, with the rows that are not finite (or whose squares
+    overflow) zeroed; and the indices of those rows."""
+    xc = x - classes.shift
+    norm = np.einsum("ij,ij->i", xc, xc)
+    # no inverse variance exceeds exp(-logvar_min): a row whose norm times that is finite cannot
+    # overflow in the products
+    bad = np.flatnonzero(~np.isfinite(norm * np.exp(-classes.opts.logvar_min)))
+    if bad.size:
+        xc[bad] = 0
+        norm[bad] = 0
+    return xc, norm, bad
+
+
+def _entries(rows, cols, num_classes, extra_rows, extra_cols, n):
+    """Unique (rows, cols) of the given entries plus whole rows ``extra_rows`` and whole columns
+    ``extra_cols``, sorted by row."""
+    parts_r, parts_c = [rows], [cols]
+    if extra_rows.size:
+        parts_r.append(np.repeat(extra_rows, num_classes))
+        parts_c.append(np.tile(np.arange(num_classes), extra_rows.size))
+    if extra_cols.size:
+        parts_r.append(np.tile(np.arange(n), extra_cols.size))
+        parts_c.append(np.repeat(extra_cols, n))
+    flat = np.unique(np.concatenate(parts_r) * num_classes + np.concatenate(parts_c))
+    return flat // num_classes, flat % num_classes
+
+
+class CPUState:
+    """What a forward keeps for the backward of the same inputs (as autograd keeps saved tensors):
+    the per-class operands and the shifted features. Pass one object to ``lgm_forward_cpu`` and
+    then to ``lgm_backward_cpu``; the backward reuses it only for the very arrays (same buffers,
+    shapes and dtypes) and clamp the forward saw, and recomputes otherwise. The caller must not
+    change those arrays in place between the two calls."""
+
+    def __init__(self):
+        self.key = None
+        self.saved = None
+
+
+def _fingerprint(opts, *arrays):
+    return (opts.logvar_min, opts.logvar_max, opts.isotropic) + tuple(
+        (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str) for a in arrays)
+
+
+def _prepare(x, mu, log_var, opts, state):
+    x, mu, log_var = np.asarray(x), np.asarray(mu), np.asarray(log_var)
+    key = _fingerprint(opts, x, mu, log_var) if state is not None else None
+    if key is not None and state.key == key:
+        return (x, x.dtype) + state.saved
+    classes = _Classes(mu, log_var, opts, x.dtype)
+    saved = (classes,) + _shifted_features(x, classes)
+    if state is not None:
+        state.key, state.saved = key, saved
+    return (x, x.dtype) + saved
+
+
+def _expanded_distances(xc, norm, classes, tau, out):
+    """out <- -d by the expansion; returns the flat indices of entries that may have cancelled."""
+    scratch = _scratch("nk", out.shape, out.dtype)
+    keep = _scratch("nk_bool", out.shape, np.bool_)
+    if classes.opts.isotropic:
+        np.multiply(norm[:, None], classes.iv[:, 0][None, :], out=out)    # A
+    else:
+        np.matmul(xc * xc, classes.iv.T, out=out)                           # A
+    np.matmul(xc, classes.mciv.T, out=scratch)                              # -C / 2
+    out += classes.sq[None, :]                                              # A + B
+    scratch *= -2
+    scratch += out                                                          # 2d = A + B + C
+    out *= 1.0 / tau
+    np.greater_equal(scratch, out, out=keep)                                # False for NaN
+    np.logical_not(keep, out=keep)
+    suspect = np.flatnonzero(keep)
+    np.multiply(scratch, -0.5, out=out)                                     # -d
+    return suspect
+
+
+def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None):
     """Forward of SPEC section 1.
 
     x: (N, D) float32/float64; label: (N,) integer-valued labels of any real dtype, or None for the
     label-free form (the likelihood then uses the predicted class); mu: (K, D);
-    log_var: (K, D), or (K, 1) when ``opts.isotropic``; training: applies the margin.
+    log_var: (K, D), or (K, 1) when ``opts.isotropic``; training: applies the margin;
+    out: optional (logits (N, K), lkd (N,)) C-contiguous arrays of x's dtype to write into;
+    state: optional :class:`CPUState` that keeps operands for the backward of these inputs.
     Returns logits: (N, K) and lkd: (N,), in the dtype of x.
     """
-    out_dtype = np.asarray(x).dtype
-    prep = _Prepared(x, mu, log_var, opts)
-    d = prep.half_mahalanobis()
-    n = d.shape[0]
-    rows = np.arange(n)
-    logits = -d
+    x, dtype, classes, xc, norm, bad_rows = _prepare(x, mu, log_var, opts, state)
+    n, k = x.shape[0], opts.num_classes
+    y = None if label is None else validate_labels_numpy(label, k)
+    logits, lkd = (np.empty((n, k), dtype), np.empty(n, dtype)) if out is None else out
+    rows_all = np.arange(n)
+
+    # 1. logits <- -d - 0.5 log|Sigma| on the expansion
+    suspect = _expanded_distances(xc, norm, classes, _TAU[dtype], logits)
+    half_log_det = classes.half_log_det()
     if opts.logdet_logits:
-        logits -= 0.5 * prep.log_det[None, :]
-    if label is None:
-        y = np.argmax(logits, axis=1) if n else np.zeros(0, dtype=np.int64)
+        logits -= half_log_det[None, :]
+
+    # 2. the entries that may have cancelled, the label column, bad rows and classes: directly
+    label_cols = y if y is not None else np.zeros(0, np.int64)
+    rows, cols = _entries(np.concatenate([suspect // k, rows_all[:label_cols.size]]),
+                          np.concatenate([suspect % k, label_cols]), k, bad_rows, classes.bad, n)
+    alpha = opts.margin(training) if y is not None else 0.0
+    d = classes.direct(x, rows, cols)
+    margin = 1.0 + alpha * (cols == y[rows]) if alpha else 1.0
+    value = -margin * d
+    if opts.logdet_logits:
+        value -= half_log_det[cols]
+    logits[rows, cols] = value
+
+    # 3. lkd: the half distance to the label (or predicted) class, computed directly
+    if y is None:
+        y = np.argmax(logits, axis=1) if n else np.zeros(0, np.int64)
+        d_label = classes.direct(x, rows_all, y)
     else:
-        y = validate_labels_numpy(label, opts.num_classes)
-        alpha = opts.margin(training)
-        if alpha:
-            logits[rows, y] -= alpha * d[rows, y]
-    lkd = d[rows, y]
+        d_label = d[cols == y[rows]]                  # one entry per row, in row order
     if opts.logdet_lkd:
-        lkd = lkd + 0.5 * prep.log_det[y]
-    return logits.astype(out_dtype, copy=False), lkd.astype(out_dtype, copy=False)
+        d_label += half_log_det[y]
+    lkd[...] = d_label
+    return logits, lkd
 
 
-def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, training):
+def _add_segments(acc, index, values):
+    """acc[index[m]] += values[m] for every m, duplicates summed (sort and reduceat)."""
+    if index.size == 0:
+        return
+    if index.size == 1 or (index[1:] > index[:-1]).all():    # distinct and sorted: no sums
+        acc[index] += values
+        return
+    order = np.argsort(index, kind="stable")
+    idx = index[order]
+    starts = np.flatnonzero(np.concatenate([[True], idx[1:] != idx[:-1]]))
+    acc[idx[starts]] += np.add.reduceat(values[order], starts, axis=0)
+
+
+def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, training,
+                     need=(True, True, True), out=None, state=None):
     """Backward of SPEC section 2.
 
     x: (N, D); label: (N,) labels (for the label-free form, the predicted classes); mu: (K, D);
-    log_var: (K, D) or (K, 1); grad_logits: (N, K) = dL/dlogits; grad_lkd: (N,) = dL/dlkd.
-    Returns dx: (N, D), dmu: (K, D), dlog_var: shaped like log_var, in the dtype of x.
+    log_var: (K, D) or (K, 1); grad_logits: (N, K) = dL/dlogits; grad_lkd: (N,) = dL/dlkd;
+    need: which of (dx, dmu, dlog_var) to compute; out: optional (dx, dmu, dlog_var) arrays
+    (entries may be None) to write into; state: the :class:`CPUState` given to the forward of
+    these inputs, if any.
+    Returns dx: (N, D), dmu: (K, D), dlog_var: shaped like log_var, in the dtype of x (None for
+    a gradient that is not needed).
     """
-    out_dtype = np.asarray(x).dtype
-    prep = _Prepared(x, mu, log_var, opts)
-    y = validate_labels_numpy(label, opts.num_classes)
-    n = y.shape[0]
-    rows = np.arange(n)
-    gz = np.asarray(grad_logits, dtype=np.float64)
-    gl = np.asarray(grad_lkd, dtype=np.float64)
+    need_dx, need_dmu, need_ds = need
+    out = (None, None, None) if out is None else out
+    if not (need_dx or need_dmu or need_ds):
+        return None, None, None
+    x, dtype, classes, xc, norm, bad_rows = _prepare(x, mu, log_var, opts, state)
+    k = opts.num_classes
+    y = validate_labels_numpy(label, k)
+    n, dim = x.shape
+    rows_all = np.arange(n)
+    gz = np.asarray(grad_logits)
+    gl = np.asarray(grad_lkd)
 
-    # G = dL/dd: (N, K)
-    g = -gz
+    # 1. G = dL/dd: (N, K), with the directly computed entries taken out of it
     alpha = opts.margin(training)
-    if alpha:
-        g[rows, y] *= 1.0 + alpha
-    g[rows, y] += gl
+    g = np.negative(gz, out=_scratch("nk", gz.shape, dtype), dtype=dtype)
+    rows, cols = _entries(rows_all, y, k, bad_rows, classes.bad, n)
+    g_direct = g[rows, cols].astype(np.float64)
+    on_label = cols == y[rows]
+    g_direct[on_label] *= 1.0 + alpha
+    g_direct[on_label] += gl[rows[on_label]]
+    g[rows, cols] = 0
 
-    # dL/dlog|Sigma_k|: (K,)
-    g_log_det = np.zeros(opts.num_classes)
-    if opts.logdet_logits:
-        g_log_det -= 0.5 * gz.sum(axis=0)
-    if opts.logdet_lkd:
-        g_log_det += 0.5 * np.bincount(y, weights=gl, minlength=opts.num_classes)
+    iv, mc = classes.iv, classes.mc
+    dx = _buffer(out[0], (n, dim), dtype) if need_dx else None
+    dmu = _buffer(out[1], (k, dim), dtype) if need_dmu else None
+    ds = _buffer(out[2], classes.log_var.shape, dtype) if need_ds else None
 
-    g_col = g.sum(axis=0)[:, None]                     # (K, 1)
-    gx = g.T @ prep.xc                                  # (K, D): sum_i G_ik xc_ij
-    gx2 = g.T @ (prep.xc * prep.xc)                     # (K, D): sum_i G_ik xc_ij^2
-    dx = prep.xc * (g @ prep.iv) - g @ prep.mciv        # sum_k G_ik (x_ij - mu_kj) iv_kj
-    dmu = -prep.iv * (gx - prep.mc * g_col)
-    # sum_i G_ik (x_ij - mu_kj)^2 expanded around the shifted origin
-    sq = gx2 - 2.0 * prep.mc * gx + prep.mc * prep.mc * g_col
-    ds = -0.5 * prep.iv * sq + g_log_det[:, None]
-    if opts.isotropic:
-        ds = ds.sum(axis=1, keepdims=True)
-    ds *= prep.passes
-    return (dx.astype(out_dtype, copy=False), dmu.astype(out_dtype, copy=False),
-            ds.astype(out_dtype, copy=False))
+    # 2. dx = x * (G iv) - G (mu iv), on the shifted operands
+    if need_dx:
+        np.multiply(xc, g @ iv, out=dx)                           # isotropic: (N, 1) broadcast
+        dx -= g @ classes.mciv
+
+    # 3. parameter gradients from sum_i G_ik x_ij (and sum_i G_ik x_ij^2 for the log-variance)
+    if need_dmu or need_ds:
+        g_col = g.sum(axis=0)                                     # (K,)
+        gx = np.matmul(g.T, xc, out=_scratch("kd_gx", mc.shape, dtype))
+        neg_resid = np.multiply(mc, g_col[:, None], out=_scratch("kd_resid", mc.shape, dtype))
+        neg_resid -= gx                                           # -sum_i G_ik (xc_i - mc_k)
+        if need_dmu:
+            np.multiply(neg_resid, iv, out=dmu)
+        if need_ds:
+            # sum_i G_ik (xc - mc)^2 = sum_i G_ik xc^2 - mc (2 gx - mc g_col)
+            gx -= neg_resid
+            gx *= mc
+            if opts.isotropic:
+                ssq = (g.T @ norm)[:, None] - gx.sum(axis=1, keepdims=True)
+            else:
+                ssq = np.matmul(g.T, xc * xc, out=neg_resid)
+                ssq -= gx
+            # dL/dlog|Sigma_k|; the column sums of grad_logits from those of G and the entries
+            # taken out of it (G = -grad_logits elsewhere)
+            g_log_det = np.zeros(k)
+            if opts.logdet_logits:
+                gz_col = np.bincount(cols, weights=gz[rows, cols], minlength=k) - g_col
+                g_log_det -= 0.5 * gz_col
+            if opts.logdet_lkd:
+                g_log_det += 0.5 * np.bincount(y, weights=gl, minlength=k)
+            if opts.isotropic:
+                g_log_det *= dim
+            np.multiply(ssq, iv, out=ds)
+            ds *= -0.5
+            ds += g_log_det[:, None].astype(dtype)
+
+    # 4. the direct entries' contributions, in float64, added once per output row
+    step = max(1, _DIRECT_CHUNK // dim)
+    for lo in range(0, rows.size, step):
+        r, c, gd = rows[lo:lo + step], cols[lo:lo + step], g_direct[lo:lo + step, None]
+        diff = x[r].astype(np.float64) - classes.mu[c].astype(np.float64)
+        wiv = gd * classes.iv64(c)
+        if need_dx or need_dmu:
+            w = wiv * diff
+            if need_dx:
+                _add_segments(dx, r, w)
+            if need_dmu:
+                _add_segments(dmu, c, -w)
+        if need_ds:
+            q = -0.5 * wiv * diff * diff
+            _add_segments(ds, c, q.sum(axis=1, keepdims=True) if opts.isotropic else q)
+    if need_ds:
+        ds.reshape(-1)[classes.blocked()] *= 0          # NaN stays NaN, as in 0 * NaN
+    return dx, dmu, ds
+
+
+def _buffer(given, shape, dtype):
+    return np.empty(shape, dtype) if given is None else given
