@@ -19,14 +19,14 @@ def inputs(rng):
     return inp, [mx.nd.array(inp[k], dtype="float64") for k in ("x", "y", "mu", "s")]
 
 
-def _call(args, **attrs):
+def call_lgm(args, **attrs):
     attrs.setdefault("num_classes", K)
     logits, lkd = mx.nd.Custom(*args, op_type="lgm", **attrs)
     return logits.asnumpy(), lkd.asnumpy()
 
 
-def _still_works(inp, args):
-    logits, lkd = _call(args)
+def assert_still_works(inp, args):
+    logits, lkd = call_lgm(args)
     want = numpy_forward(inp["x"], inp["y"], inp["mu"], inp["s"], LGMOptions(num_classes=K), False)
     np.testing.assert_allclose(logits, want[0], rtol=1e-12)
     np.testing.assert_allclose(lkd, want[1], rtol=1e-12)
@@ -39,11 +39,11 @@ def test_bad_label_value_reaches_the_user(bad, shown, inputs, capfd):
     y = inp["y"].copy()
     y[2] = bad
     with pytest.raises(MXNetError) as err:
-        _call([args[0], mx.nd.array(y, dtype="float64"), args[2], args[3]])
+        call_lgm([args[0], mx.nd.array(y, dtype="float64"), args[2], args[3]])
     text = str(err.value)
     assert f"label must hold integers in [0, {K}), got {shown}" in text and "index 2" in text
     assert "label must hold integers" in capfd.readouterr().out  # MXNet prints the original
-    _still_works(inp, args)
+    assert_still_works(inp, args)
 
 
 def test_bad_integer_label_in_backward_path(inputs):
@@ -58,7 +58,7 @@ def test_bad_integer_label_in_backward_path(inputs):
             total = logits.sum() + lkd.sum()
         total.backward()
         args[0].grad.asnumpy()
-    _still_works(inp, args)
+    assert_still_works(inp, args)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -79,16 +79,16 @@ def test_bad_integer_label_in_backward_path(inputs):
 def test_bad_argument_shapes_and_types(change, message, inputs):
     inp, args = inputs
     with pytest.raises(MXNetError, match=message):
-        _call(change(args))
-    _still_works(inp, args)
+        call_lgm(change(args))
+    assert_still_works(inp, args)
 
 
 def test_isotropic_log_var_shape(inputs):
     inp, args = inputs
     with pytest.raises(MXNetError, match=r"log_var must have shape \(K, 1\) with isotropic=True "
                                          r"= \(4, 1\), got \(4, 3\)"):
-        _call(args, isotropic=True)
-    _still_works(inp, args)
+        call_lgm(args, isotropic=True)
+    assert_still_works(inp, args)
 
 
 @pytest.mark.parametrize("attrs, message", [
@@ -111,8 +111,8 @@ def test_isotropic_log_var_shape(inputs):
 def test_bad_attributes(attrs, message, inputs):
     inp, args = inputs
     with pytest.raises(MXNetError, match=message):
-        _call(args, **attrs)
-    _still_works(inp, args)
+        call_lgm(args, **attrs)
+    assert_still_works(inp, args)
 
 
 def test_bad_attributes_at_construction():
@@ -134,7 +134,7 @@ def test_empty_batch_is_a_clear_error(inputs):
     logits, _ = lgm_op.lgm(mx.sym.Variable("data"), mx.sym.Variable("label"), K)
     with pytest.raises(MXNetError, match=r"data must have a known, non-zero shape.*empty batch"):
         logits.infer_shape(data=(0, D), label=(0,))
-    _still_works(inp, args)
+    assert_still_works(inp, args)
 
 
 def test_nan_and_inf_in_data_propagate(inputs):
@@ -142,8 +142,8 @@ def test_nan_and_inf_in_data_propagate(inputs):
     x = inp["x"].copy()
     x[1, 0] = np.nan
     x[3, 2] = -np.inf
-    logits, lkd = _call([mx.nd.array(x, dtype="float64"), args[1], args[2], args[3]])
+    logits, lkd = call_lgm([mx.nd.array(x, dtype="float64"), args[1], args[2], args[3]])
     assert np.isnan(logits[1]).all() and np.isnan(lkd[1])
     assert not np.isfinite(logits[3]).any() and not np.isfinite(lkd[3])
     assert np.isfinite(logits[[0, 2, 4, 5]]).all()
-    _still_works(inp, args)
+    assert_still_works(inp, args)
