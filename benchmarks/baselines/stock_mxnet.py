@@ -65,7 +65,8 @@ class GemmExpansionLGM(HybridBlock):
         if not self.alpha:
             return base, lkd
         d_label = label_base - F.take(half_ld, label) if o.logdet_logits else label_base
-        margin = F.broadcast_mul(F.one_hot(label, k, dtype=self.dtype), (self.alpha * d_label).reshape((-1, 1)))
+        margin = F.broadcast_mul(F.one_hot(label, k, dtype=self.dtype),
+                                 (self.alpha * d_label).reshape((-1, 1)))
         return base - margin, lkd
 
 
