@@ -10,6 +10,7 @@ Arguments: ``data`` (N, D), ``label`` (N,) (absent when ``with_label=False``), `
 ``log_var`` (K, D) or (K, 1); auxiliary state ``margin_iter`` (1,) when the margin follows a
 schedule. Outputs: ``logits`` (N, K), ``lkd`` (N,).
 """
+import ctypes
 import os
 import threading
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import errors
 from .checks import check_float_dtype, check_shapes, param_shapes
-from .cpu import lgm_backward_cpu, lgm_forward_cpu
+from .cpu import CPUState, lgm_backward_cpu, lgm_forward_cpu
 from .options import parse_attributes
 from .schedule import check_iteration
 
@@ -51,13 +52,16 @@ class LGMOp(mx.operator.CustomOp):
         self._last_opts = opts
         # the thread that issued the call: a failure's message is delivered to its error there
         self._thread = threading.current_thread()
+        # the CPU path's operands, kept from a forward for the backward of the same step
+        self._state = CPUState()
 
-    # Each framework-free implementation takes and returns arrays of its own kind.
     def _functions(self):
+        """The framework-free forward and backward of this backend, with the keywords only the
+        CPU path takes (its operands kept from forward for backward)."""
         if self.backend == "cpu":
-            return lgm_forward_cpu, lgm_backward_cpu
+            return lgm_forward_cpu, lgm_backward_cpu, {"state": self._state}
         from .cuda import lgm_backward_cuda, lgm_forward_cuda
-        return lgm_forward_cuda, lgm_backward_cuda
+        return lgm_forward_cuda, lgm_backward_cuda, {}
 
     def _split(self, in_data):
         if self.opts.with_label:
@@ -78,14 +82,19 @@ class LGMOp(mx.operator.CustomOp):
         with errors.recording("forward", self._thread):
             opts, next_iteration = self._margin(is_train, aux)
             self._last_opts = opts
-            forward, _ = self._functions()
+            forward, _, extra = self._functions()
             x, label, mu, s = self._split(in_data)
             arrays = _Arrays(self.backend, x.context)
-            logits, lkd = forward(arrays.read(x), None if label is None else arrays.read(label),
-                                  arrays.read(mu), arrays.read(s), opts, bool(is_train))
-            arrays.write(out_data[0], req[0], logits)
-            arrays.write(out_data[1], req[1], lkd)
-            arrays.finish()
+            targets = [arrays.target(dst, r) for dst, r in zip(out_data, req)]
+            # the label check is read at the one synchronisation that ends the callback
+            if self.backend != "cpu":
+                extra = {"defer_check": True}
+            result = forward(arrays.read(x), None if label is None else arrays.read(label),
+                             arrays.read(mu), arrays.read(s), opts, bool(is_train),
+                             out=tuple(t.buffer for t in targets), **extra)
+            arrays.finish(targets)
+            if self.backend != "cpu":
+                result[2]()
             # only a step that succeeded moves the schedule (a rejected batch leaves it as it was)
             if next_iteration is not None:
                 aux[0][:] = next_iteration
@@ -93,33 +102,48 @@ class LGMOp(mx.operator.CustomOp):
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
         with errors.recording("backward", self._thread):
             opts = self._last_opts
-            _, backward = self._functions()
+            _, backward, extra = self._functions()
             x, label, mu, s = self._split(in_data)
             arrays = _Arrays(self.backend, x.context)
-            if label is None:  # label-free form: the class the forward predicted
-                y = arrays.xp.argmax(arrays.read(out_data[0]), axis=1)
-            else:
+            if opts.with_label:  # no gradient flows to the label
+                label_target = arrays.target(in_grad[1], req[1])
+                if label_target.buffer is not None and req[1] != "add":
+                    label_target.buffer[...] = 0
+                grads, grad_req = [in_grad[0], in_grad[2], in_grad[3]], [req[0], req[2], req[3]]
                 y = arrays.read(label)
-            dx, dmu, ds = backward(arrays.read(x), y, arrays.read(mu), arrays.read(s),
-                                   arrays.read(out_grad[0]), arrays.read(out_grad[1]),
-                                   opts, True)
-            grads = [dx, dmu, ds]
-            if opts.with_label:
-                grads.insert(1, None)  # no gradient flows to the label
-            for dst, r, g in zip(in_grad, req, grads):
-                if g is None:
-                    if r in ("write", "inplace"):
-                        dst[:] = 0
-                else:
-                    arrays.write(dst, r, g)
-            arrays.finish()
+            else:  # label-free form: the class the forward predicted
+                grads, grad_req = in_grad, req
+                y = arrays.xp.argmax(arrays.read(out_data[0]), axis=1)
+            targets = [arrays.target(dst, r) for dst, r in zip(grads, grad_req)]
+            need = tuple(r != "null" for r in grad_req)
+            if any(need):
+                backward(arrays.read(x), y, arrays.read(mu), arrays.read(s),
+                         arrays.read(out_grad[0]), arrays.read(out_grad[1]), opts, True,
+                         need=need, out=tuple(t.buffer for t in targets), **extra)
+            arrays.finish(targets)
+
+
+class _Target:
+    """Where a result goes: ``buffer`` is MXNet's own output memory (req write / inplace), a
+    temporary added to it at the end (req add), or None (req null)."""
+
+    def __init__(self, view, req):
+        self.view = view
+        self.req = req
+        if req == "null":
+            self.buffer = None
+        elif req == "add":
+            self.buffer = view.copy()
+        else:
+            self.buffer = view
 
 
 class _Arrays:
-    """Moves MXNet NDArrays to the arrays a backend computes on, and results back.
+    """Views of MXNet's NDArray buffers as the arrays a backend computes on, without copies.
 
-    cpu / sim: NumPy copies (the callback gets host NDArrays). gpu: CuPy views of MXNet's own
-    buffers through DLPack (no copies), on the NDArray's device, synchronised by ``finish``.
+    cpu / sim: NumPy arrays over the host memory of the NDArrays the callback gets (inputs
+    read-only). gpu: CuPy arrays over MXNet's device buffers through DLPack, on the NDArray's
+    device, synchronised once by ``finish``.
     """
 
     def __init__(self, backend, ctx):
@@ -135,26 +159,43 @@ class _Arrays:
     def read(self, nd):
         if self.backend == "gpu":
             return self.xp.from_dlpack(nd.to_dlpack_for_read())
-        return nd.asnumpy()
+        view = _host_view(nd)
+        view.flags.writeable = False
+        return view
 
-    def write(self, dst, req, value):
+    def target(self, nd, req):
         if req == "null":
-            return
+            return _Target(None, req)
         if self.backend == "gpu":
-            view = self.xp.from_dlpack(dst.to_dlpack_for_write())
-            if req == "add":
-                view += value
-            else:
-                view[...] = value
-        elif req == "add":
-            dst[:] += mx.nd.array(value, ctx=dst.context, dtype=dst.dtype)
-        else:
-            dst[:] = value  # one synchronous copy from the host array, no temporary NDArray
+            return _Target(self.xp.from_dlpack(nd.to_dlpack_for_write()), req)
+        return _Target(_host_view(nd), req)
 
-    def finish(self):
+    def finish(self, targets):
+        for t in targets:
+            if t.req == "add":
+                t.view += t.buffer
         # MXNet treats outputs as ready once the callback returns: wait for our kernels.
         if self.backend == "gpu":
             self.xp.cuda.get_current_stream().synchronize()
+
+
+def _host_view(nd):
+    """A NumPy array over the host memory of a dense CPU NDArray (no copy).
+
+    Inside a custom-op callback the inputs are computed and the outputs are MXNet's own buffers,
+    so their memory can be read and written directly (MXNet waits for the callback to return).
+    """
+    dtype = np.dtype(nd.dtype)
+    shape = nd.shape
+    count = 1
+    for extent in shape:
+        count *= extent
+    if count == 0:
+        return np.empty(shape, dtype)
+    ptr = ctypes.c_void_p()
+    mx.base.check_call(mx.base._LIB.MXNDArrayGetData(nd.handle, ctypes.byref(ptr)))
+    memory = (ctypes.c_byte * (count * dtype.itemsize)).from_address(ptr.value)
+    return np.frombuffer(memory, dtype).reshape(shape)
 
 
 @mx.operator.register("lgm")
