@@ -149,7 +149,7 @@ def _issue_job(job, rounds):
     args = [mx.nd.array(job[k], dtype=job["dtype"]) for k in ("x", "mu", "s")]
     label = mx.nd.array(job["y"])
     heads = [mx.nd.array(job["gz"], dtype=job["dtype"]), mx.nd.array(job["gl"], dtype=job["dtype"])]
-    aux = [mx.nd.zeros(1, dtype=job["dtype"])] if opts.get("margin_policy") else []
+    aux = [mx.nd.zeros(1, dtype="float64")] if opts.get("margin_policy") else []
     pending = []
     for r in range(rounds):
         x, mu, s = (a.copy() for a in args)
