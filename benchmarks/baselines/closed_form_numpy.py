@@ -36,12 +36,15 @@ class NumpyGemmExpansion:
         o, x, mean, rows, y = self.opts, self.x, self.mean, self.rows, self.y
         real = x.dtype.type
         c = np.clip(self.log_var, real(o.logvar_min), real(o.logvar_max))
-        self.iv = iv = np.exp(-c)
+        half_ld = real(0.5) * c.sum(axis=1)
+        # where the clamp passes gradient: clip(s) == s exactly there (and never for NaN)
+        self.passes = c == self.log_var
+        self.iv = iv = np.exp(np.negative(c, out=c), out=c)
         self.mean_iv = mean_iv = mean * iv
         self.x_sq = x_sq = x * x
-        half_ld = real(0.5) * c.sum(axis=1)
-        # logits = -d - [logdet_logits] half_ld, built in place in one (N, K) buffer
-        logits = np.matmul(x_sq, real(-0.5) * iv.T)
+        # logits = -d - [logdet_logits] half_ld, built in place in one (N, K) buffer; the -0.5
+        # goes on the (N, D) operand, the smallest one
+        logits = np.matmul(x_sq * real(-0.5), iv.T)
         logits += np.matmul(x, mean_iv.T)
         bias = real(-0.5) * np.einsum("kj,kj->k", mean, mean_iv)
         if o.logdet_logits:
@@ -74,15 +77,19 @@ class NumpyGemmExpansion:
         dx = x * np.matmul(g, iv)
         dx -= np.matmul(g, mean_iv)
         g_x = np.matmul(g.T, x)                                         # (K, D)
-        dmean = g_sum * mean_iv
-        dmean -= g_x * iv
+        # dmean = iv (mean sum_i G - G^T x); the log-variance bracket
+        # G^T x^2 - 2 mean G^T x + mean^2 sum_i G = G^T x^2 + mean (u - G^T x), u as below
+        u = g_sum * mean
+        u -= g_x
+        dmean = iv * u
+        u -= g_x
+        u *= mean
         dlog_var = np.matmul(g.T, self.x_sq)
-        dlog_var -= real(2) * mean * g_x
-        dlog_var += g_sum * (mean * mean)
-        dlog_var *= real(-0.5) * iv
+        dlog_var += u
+        dlog_var *= iv
+        dlog_var *= real(-0.5)
         dlog_var += g_log_det[:, None]
-        s = self.log_var
-        dlog_var *= (s >= o.logvar_min) & (s <= o.logvar_max)
+        dlog_var *= self.passes
         return dx, dmean, dlog_var
 
 
