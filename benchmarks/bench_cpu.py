@@ -429,7 +429,8 @@ def memory_child(name, size, seed, headroom_bytes=None):
     limit = int(_status_bytes("VmSize") + headroom_bytes)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     result = {"provider": name, "size": common.size_label(size),
-              "address_space_limit_bytes": limit}
+              "address_space_limit_bytes": limit,
+              "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     try:
         make_provider(name, common.make_inputs(8, 3, 2, seed), options(3)).step()
         provider = make_provider(name, common.make_inputs(*size, seed), options(size[1]))
@@ -449,19 +450,22 @@ def memory_child(name, size, seed, headroom_bytes=None):
     print(MEMORY_MARK + json.dumps(result), flush=True)
 
 
-def peak_memory(name, size, seed, headroom_bytes=None):
-    """Run :func:`memory_child` in a fresh interpreter; a crash or a kill is recorded, not
-    raised. A provider whose estimate does not fit is skipped without starting one."""
+def peak_memory(name, size, seed, headroom_bytes=None, omp_threads=None):
+    """Run :func:`memory_child` in a fresh interpreter with MXNet on ``omp_threads`` (default:
+    every core); a crash or a kill is recorded, not raised. A provider whose estimate does not
+    fit is skipped without starting one."""
     estimate = {"estimated_bytes": estimated_bytes(name, size)}
     problem = fit_problem(name, size)
     if problem:
         return {"status": problem, **estimate}
+    threads = str(omp_threads or os.cpu_count())
     command = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name,
-               common.size_label(size), "--seed", str(seed)]
+               common.size_label(size), "--seed", str(seed), "--omp-threads", threads]
     if headroom_bytes is not None:
         command += ["--memory-headroom-bytes", str(int(headroom_bytes))]
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=3600,
+                              env=dict(os.environ, OMP_NUM_THREADS=threads))
     except subprocess.TimeoutExpired:
         return {"status": "failed: the memory measurement took over an hour", **estimate}
     for line in reversed(proc.stdout.splitlines()):
@@ -650,7 +654,8 @@ def main(argv=None):
                  "providers": {}}
         for name in args.memory_providers:
             print(f"[{entry['label']}] {name}: peak memory (fresh process) ...", flush=True)
-            entry["providers"][name] = peak_memory(name, size, args.seed)
+            entry["providers"][name] = peak_memory(name, size, args.seed,
+                                                   omp_threads=args.omp_threads)
         record["memory"].append(entry)
     record["targets"] = evaluate_targets(record)
     record["load_average_at_end"] = common.load_average()

@@ -92,6 +92,7 @@ def test_cpu_benchmark_records_every_provider(cpu_run):
     for entry in memory["providers"].values():
         assert entry["status"] == "ok", entry
         assert entry["peak_rss_growth_bytes"] >= 0 and "VmHWM" in entry["method"]
+        assert entry["OMP_NUM_THREADS"] == str(os.cpu_count())
     assert [t["what"] for t in record["targets"]] == [t[0] for t in bench_cpu.TARGETS]
 
     for name, (label, _) in bench_cpu.PROVIDERS.items():
