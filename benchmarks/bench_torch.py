@@ -1,0 +1,345 @@
+"""PyTorch benchmark: the ``lgm_op.torch`` op against the L-GM loss written in PyTorch itself.
+
+float32, training mode, forward+backward with random upstream gradients on logits and lkd and all
+three input gradients, on identical inputs. Providers:
+
+- ``op``: ``lgm_op.torch.lgm`` (the custom op: NumPy/BLAS on CPU tensors, the CUDA kernels on
+  CUDA tensors); ``op_compile``: the same call under ``torch.compile(fullgraph=True)``;
+- ``broadcast``: the loss broadcasting over an N x K x D tensor, differentiated by autograd
+  (``bench_gpu.make_torch_loss``, as the popular PyTorch port does); ``broadcast_compile``: under
+  ``torch.compile`` (Inductor fuses the N x K x D products into the reductions);
+- ``addmm``: the GEMM expansion ``2 d = (x*x) iv^T - 2 x (mu iv)^T + sum_j mu^2 iv`` with
+  ``torch.addmm``, differentiated by autograd; ``addmm_compile``: under ``torch.compile``.
+
+Compiled providers use static shapes (one compilation per size, outside the timing). Per size:
+the float64 reference of ``lgm_op.reference`` (``bench_cpu.reference_results``, over row chunks
+where N x K x D does not fit), every provider checked against it (a wrong provider is not timed),
+``--warmup`` untimed steps, then rounds in which every provider runs once in a rotating order
+(``bench_cpu.run_rounds``). Each provider gets the median and spread of its rounds, each peer the
+median of its per-round ratios peer time / op time (> 1: the op is ahead). A provider that fails,
+runs out of memory or whose estimate does not fit is recorded as such and the run goes on.
+
+PyTorch runs on every core (``torch.set_num_threads(--threads)``, default the number of cores);
+the op's NumPy BLAS uses its own default (every core). Both are recorded in the JSON with the
+machine, the versions and the git sha.
+
+    python benchmarks/bench_torch.py                    # the issue's sizes -> benchmarks/out/
+    python benchmarks/bench_torch.py --sizes 64x10x8 --repeats 3 --out /tmp/bench
+    python benchmarks/bench_torch.py --device cuda      # on a GPU (synchronised after each step)
+"""
+import argparse
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.bench_cpu import (NAMES, failure_status, ratio_stats, reference_results,  # noqa: E402
+                                  run_rounds, thread_record)
+from benchmarks.bench_gpu import make_torch_loss  # noqa: E402
+
+OP = "op"
+# name -> (table label, N*K*D float32 tensors held at the peak of one forward+backward)
+PROVIDERS = {
+    OP: ("lgm_op.torch (custom op)", 0),
+    "op_compile": ("lgm_op.torch, torch.compile", 0),
+    "broadcast": ("broadcast N x K x D, autograd", 5),
+    "broadcast_compile": ("broadcast, torch.compile", 0),
+    "addmm": ("GEMM expansion (addmm), autograd", 0),
+    "addmm_compile": ("GEMM expansion, torch.compile", 0),
+}
+DEFAULT_SIZES = "128x100x384,256x1000x128,512x10000x512"
+ENV_NAMES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+             "MKL_NUM_THREADS", "TORCHINDUCTOR_CACHE_DIR", "CUDA_VISIBLE_DEVICES")
+# The targets of the issue: the op at least as fast as the fastest PyTorch version.
+TARGET_SIZES = ((128, 100, 384), (256, 1000, 128), (512, 10000, 512))
+PEERS = [name for name in PROVIDERS if not name.startswith(OP)]
+# A provider runs only when its estimate is below this share of the available memory.
+FIT_SHARE = 0.7
+# Beyond the N*K*D tensors, every provider keeps a handful of (N, K) float32 arrays and their
+# gradients (about 64 bytes per N*K element, as measured for the op in bench_cpu).
+BYTES_PER_NK = 64
+
+
+def estimated_bytes(name, size):
+    n, k, d = size
+    return BYTES_PER_NK * n * k + 4 * PROVIDERS[name][1] * n * k * d + 8 * (n + k) * d
+
+
+def fit_problem(name, size, device):
+    need = estimated_bytes(name, size)
+    if device == "cpu":
+        available = common.memory_available_bytes()
+    else:
+        import torch
+        available = torch.cuda.mem_get_info()[0]
+    if available is not None and need > FIT_SHARE * available:
+        return (f"skipped: needs ~{common.gib(need):.0f} GiB (estimated), "
+                f"{common.gib(available):.0f} GiB available")
+    return None
+
+
+def make_addmm_loss(torch, opts, training):
+    """The loss of SPEC section 1 in PyTorch by the GEMM expansion of the distances: O(N*K)
+    memory. Returns lgm_loss(x: (N, D), label: (N,) int64, mean: (K, D), log_var: (K, D)) ->
+    (logits: (N, K), lkd: (N,)). Diagonal covariance only."""
+    if opts.isotropic:
+        raise ValueError("the PyTorch baseline implements the diagonal covariance only")
+    alpha = opts.margin(training)
+    half_logits = 0.5 if opts.logdet_logits else 0.0
+    half_lkd = 0.5 if opts.logdet_lkd else 0.0
+    logvar_min, logvar_max = opts.logvar_min, opts.logvar_max
+
+    def lgm_loss(x, label, mean, log_var):
+        c = torch.clamp(log_var, logvar_min, logvar_max)
+        iv = torch.exp(-c)                                                  # (K, D)
+        mean_iv = mean * iv
+        two_d = torch.addmm((mean * mean_iv).sum(dim=1).unsqueeze(0), x * x, iv.t())
+        two_d = torch.addmm(two_d, x, mean_iv.t(), alpha=-2.0)             # (N, K)
+        dist = 0.5 * two_d
+        log_det = c.sum(dim=1)                                              # (K,)
+        margin = torch.ones_like(dist).scatter(1, label.unsqueeze(1), 1.0 + alpha)
+        logits = -margin * dist - half_logits * log_det
+        lkd = dist.gather(1, label.unsqueeze(1)).squeeze(1) + half_lkd * log_det[label]
+        return logits, lkd
+
+    return lgm_loss
+
+
+def make_op_loss(torch, opts, training):
+    """``lgm_op.torch.lgm`` with the options of ``opts``, in the baselines' signature."""
+    import lgm_op.torch as lgm_torch
+    options = dict(alpha=opts.alpha, logvar_min=opts.logvar_min, logvar_max=opts.logvar_max,
+                   logdet_logits=opts.logdet_logits, logdet_lkd=opts.logdet_lkd,
+                   isotropic=opts.isotropic)
+
+    def lgm_loss(x, label, mean, log_var):
+        return lgm_torch.lgm(x, label, mean, log_var, opts.num_classes, training, **options)
+
+    return lgm_loss
+
+
+_LOSSES = {"op": make_op_loss, "broadcast": make_torch_loss, "addmm": make_addmm_loss}
+
+
+class TorchProvider:
+    """One forward+backward of a loss function on tensors of the benchmark inputs."""
+
+    def __init__(self, name, inputs, opts, device):
+        import torch
+        self.torch = torch
+        self.device = device
+        base, compiled = name.removesuffix("_compile"), name.endswith("_compile")
+        loss = _LOSSES[base](torch, opts, True)
+        self.loss = torch.compile(loss, fullgraph=True, dynamic=False) if compiled else loss
+        tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+        self.params = [tensor(inputs[k]).requires_grad_(True) for k in ("x", "mean", "log_var")]
+        self.label = tensor(inputs["label"]).long()
+        self.upstream = [tensor(inputs["grad_logits"]), tensor(inputs["grad_lkd"])]
+        self._outputs = None
+
+    def step(self):
+        for p in self.params:
+            p.grad = None
+        x, mean, log_var = self.params
+        logits, lkd = self.loss(x, self.label, mean, log_var)
+        self.torch.autograd.backward([logits, lkd], self.upstream)
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
+        self._outputs = logits, lkd
+
+    def results(self):
+        arrays = list(self._outputs) + [p.grad for p in self.params]
+        return dict(zip(NAMES, [a.detach().cpu().numpy() for a in arrays]))
+
+
+def options(num_classes):
+    from lgm_op.options import LGMOptions
+    return LGMOptions(num_classes=num_classes)
+
+
+def bench_size(size, args):
+    """Reference, checks, compile times and interleaved timings at one size: the result record."""
+    n, k, d = size
+    label = common.size_label(size)
+    opts = options(k)
+    inputs = common.make_inputs(n, k, d, args.seed)
+    record = {"size": {"n": n, "k": k, "d": d}, "label": label, "providers": {}}
+
+    print(f"[{label}] float64 reference ...", flush=True)
+    start = time.perf_counter()
+    expected, rows = reference_results(inputs, opts)
+    record["reference"] = {"implementation": "lgm_op.reference.numpy_forward/numpy_grads",
+                           "dtype": "float64", "rows_per_chunk": rows,
+                           "seconds": time.perf_counter() - start}
+    ready = {}
+    for name in args.providers:
+        entry = {"label": PROVIDERS[name][0], "estimated_bytes": estimated_bytes(name, size),
+                 "correctness": None}
+        record["providers"][name] = entry
+        entry["status"] = fit_problem(name, size, args.device)
+        if entry["status"]:
+            continue
+        print(f"[{label}] {name}: first step and check ...", flush=True)
+        try:
+            start = time.perf_counter()
+            provider = TorchProvider(name, inputs, opts, args.device)
+            provider.step()  # compiles, for the compiled providers
+            entry["first_step_s"] = time.perf_counter() - start
+            entry["correctness"] = common.compare(provider.results(), expected, args.tolerance)
+        except Exception as exc:  # recorded, the run goes on
+            entry["status"] = failure_status(exc)
+            continue
+        if not entry["correctness"]["ok"]:
+            entry["status"] = "incorrect: not timed (see correctness)"
+            continue
+        entry["status"] = "ok"
+        ready[name] = provider
+    del expected
+    gc.collect()
+
+    print(f"[{label}] {len(ready)} providers in rounds ...", flush=True)
+    times, failed = run_rounds(ready, args.repeats, args.warmup, args.max_seconds)
+    record["rounds"] = max((len(t) for t in times.values()), default=0)
+    op_times = times.get(OP)
+    for name, entry in record["providers"].items():
+        if name in failed:
+            entry["status"] = failed[name]
+        if name not in times:
+            continue
+        entry["times_ms"] = [None if t is None else 1e3 * t for t in times[name]]
+        done = [t for t in times[name] if t is not None]
+        if done:
+            entry["stats"] = common.summarize(done)
+        if op_times is not None and name != OP:
+            entry["ratio_to_op"] = ratio_stats(times[name], op_times)
+    return record
+
+
+def evaluate_targets(record):
+    """Per target size: the fastest PyTorch version's time over the op's (>= 1: target met)."""
+    results = {r["label"]: r for r in record["results"]}
+    out = []
+    for size in TARGET_SIZES:
+        label = common.size_label(size)
+        providers = results.get(label, {}).get("providers", {})
+        ratios = {p: providers[p]["ratio_to_op"]["median"] for p in PEERS
+                  if (providers.get(p) or {}).get("ratio_to_op")}
+        fastest = min(ratios, key=ratios.get) if ratios else None
+        value = ratios.get(fastest)
+        out.append({"what": "fastest PyTorch version / op", "size": label, "fastest": fastest,
+                    "comparison": ">=", "threshold": 1.0, "value": value,
+                    "met": None if value is None else value >= 1.0})
+    return out
+
+
+def _cell(entry):
+    if entry is None:
+        return "-"
+    if not entry.get("stats"):
+        return entry["status"].split(":")[0]
+    text = common.format_ms(entry["stats"])
+    ratio = entry.get("ratio_to_op")
+    return f"{text} [{ratio['median']:.2f}x]" if ratio else text
+
+
+def table(record):
+    """Side by side: one row per size, one column per provider; median (min-max) ms of a
+    forward+backward, and in brackets the median per-round ratio provider / op."""
+    headers = ["N x K x D"] + [PROVIDERS[p][0] for p in record["settings"]["providers"]]
+    rows = [[r["label"]] + [_cell(r["providers"].get(p)) for p in record["settings"]["providers"]]
+            for r in record["results"]]
+    return common.format_table(headers, rows)
+
+
+def csv_rows(record):
+    rows = []
+    for r in record["results"]:
+        for name, entry in r["providers"].items():
+            stats = entry.get("stats") or {}
+            rows.append({"size": r["label"], "provider": name, "status": entry["status"],
+                         **{key: stats.get(key) for key in ("median_ms", "q1_ms", "q3_ms",
+                                                            "min_ms", "max_ms", "repeats")},
+                         "ratio_to_op_median": (entry.get("ratio_to_op") or {}).get("median"),
+                         "first_step_s": entry.get("first_step_s"),
+                         "correct": (entry.get("correctness") or {}).get("ok")})
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="The lgm_op.torch custom op against the L-GM loss in PyTorch (broadcasting, "
+                    "GEMM expansion, eager and torch.compile), forward+backward, interleaved "
+                    "rounds.")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES,
+                        help=f"comma-separated NxKxD sizes (default {DEFAULT_SIZES})")
+    common.add_measurement_args(
+        parser, list(PROVIDERS), max_seconds=120.0, tolerance=1e-4, repeats=30,
+        repeats_help="rounds per size (each runs every provider once)",
+        max_seconds_help="stop the rounds of a size (after 3) once they used this long",
+        tolerance_help="largest error of a provider vs the float64 reference, relative to each "
+                       "array's largest entry")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch.set_num_threads (default: the number of cores, %(default)s)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"),
+                        help="folder for torch_<device>.json and .csv (default benchmarks/out, "
+                             "git-ignored)")
+    args = parser.parse_args(argv)
+    try:
+        args.sizes = common.parse_sizes(args.sizes)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return common.check_provider_args(parser, args, list(PROVIDERS))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: PyTorch sees no CUDA device", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    settings = {
+        "sizes": [common.size_label(s) for s in args.sizes], "providers": args.providers,
+        "device": args.device, "dtype": "float32", "training": True,
+        "options": {k: v for k, v in options(1).to_attrs().items() if k != "num_classes"},
+        "repeats": args.repeats, "warmup": args.warmup, "max_seconds": args.max_seconds,
+        "tolerance": args.tolerance, "seed": args.seed, "torch_threads": torch.get_num_threads(),
+        "compile": "torch.compile(fullgraph=True, dynamic=False), compiled in the first step",
+        "order": "rounds; each runs every provider once, the order rotating by one per round",
+        "ratio": "median over rounds of (provider time / op time)",
+        "timer": "time.perf_counter around one forward+backward"
+                 + (", torch.cuda.synchronize() at its end" if args.device == "cuda" else ""),
+    }
+    record = {**common.run_record("torch", ["numpy", "torch", "cupy", "lgm_op"], ENV_NAMES,
+                                  settings),
+              "threads": thread_record(), "results": []}
+    if args.device == "cuda":
+        record["hardware"]["gpu"] = torch.cuda.get_device_name()
+    out = Path(args.out)
+    stem = f"torch_{args.device}"
+    for size in args.sizes:
+        record["results"].append(bench_size(size, args))
+        common.write_json(out / f"{stem}.json", record)  # partial results survive a crash
+    record["targets"] = evaluate_targets(record)
+    record["load_average_at_end"] = common.load_average()
+    print()
+    print(table(record))
+    for target in record["targets"]:
+        value = "-" if target["value"] is None else f"{target['value']:.2f}x ({target['fastest']})"
+        print(f"{target['what']} at {target['size']}: {value}, target >= 1.0")
+    print(f"wrote {common.write_json(out / f'{stem}.json', record)}")
+    print(f"wrote {common.write_csv(out / f'{stem}.csv', csv_rows(record))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
