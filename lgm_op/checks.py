@@ -5,7 +5,8 @@ was given (SPEC section 4). The operator turns these into ``MXNetError`` at the 
 """
 import numpy as np
 
-__all__ = ["check_shapes", "check_float_dtype", "validate_labels_numpy", "param_shapes"]
+__all__ = ["check_shapes", "check_sizes", "check_float_dtype", "validate_labels_numpy",
+           "param_shapes"]
 
 
 def param_shapes(num_classes, dim, isotropic):
@@ -42,6 +43,16 @@ def check_shapes(opts, data_shape, label_shape=None, mean_shape=None, log_var_sh
         raise ValueError(f"lgm: log_var must have shape {form} = {want_log_var}, "
                          f"got {tuple(log_var_shape)}")
     return n, d
+
+
+def check_sizes(shapes, max_elements, why):
+    """Every array of ``shapes`` (name -> shape) has at most ``max_elements`` elements; ``why``
+    says where the limit comes from."""
+    for name, shape in shapes.items():
+        size = int(np.prod(shape, dtype=object))
+        if size > max_elements:
+            raise ValueError(f"lgm: {name} of shape {tuple(shape)} would have {size} elements, "
+                             f"more than the {max_elements} {why}")
 
 
 def check_float_dtype(name, dtype):

@@ -18,7 +18,7 @@ import mxnet as mx
 import numpy as np
 
 from . import errors
-from .checks import check_float_dtype, check_shapes, param_shapes
+from .checks import check_float_dtype, check_shapes, check_sizes, param_shapes
 from .cpu import CPUState, lgm_backward_cpu, lgm_forward_cpu
 from .options import parse_attributes
 from .schedule import check_iteration
@@ -26,6 +26,11 @@ from .schedule import check_iteration
 __all__ = ["LGMOp", "LGMOpProp", "SIMULATOR_ENV"]
 
 SIMULATOR_ENV = "LGM_OP_CUDASIM"
+# MXNet builds without INT64_TENSOR_SIZE (the pip wheels) index every array with int32
+_MAX_ELEMENTS, _SIZE_LIMIT = ((2 ** 63 - 1, "MXNet holds")
+                              if mx.runtime.Features().is_enabled("INT64_TENSOR_SIZE") else
+                              (2 ** 31 - 1, "this MXNet build holds (built without "
+                                            "INT64_TENSOR_SIZE)"))
 _SIMULATOR_VALUES = {None: "cpu", "0": "cpu", "1": "sim"}
 
 
@@ -248,9 +253,12 @@ class LGMOpProp(mx.operator.CustomOpProp):
                                   shapes.get("label") or None,
                                   shapes["mean"] or None, shapes["log_var"] or None)
             mean, log_var = param_shapes(self.opts.num_classes, dim, self.opts.isotropic)
+            logits = (n, self.opts.num_classes)
+            check_sizes({"data": data, "mean": mean, "log_var": log_var, "logits": logits},
+                        _MAX_ELEMENTS, _SIZE_LIMIT)
             args = [data, (n,), mean, log_var] if self._with_label else [data, mean, log_var]
             aux = [(1,)] if self._with_aux else []
-            return args, [(n, self.opts.num_classes), (n,)], aux
+            return args, [logits, (n,)], aux
 
     def _data_shape_from(self, shapes):
         """(N, D) from the label's and the parameters' shapes, or None when they leave it open."""

@@ -386,3 +386,15 @@ def test_sparse_gradient_is_a_clear_error(inputs):
     assert ("lgm: the gradient of mean must have default (dense) storage, got row_sparse "
             "storage") in str(err.value)
     assert_still_works(inp, args)
+
+
+@pytest.mark.skipif(mx.runtime.Features().is_enabled("INT64_TENSOR_SIZE"),
+                    reason="this MXNet build indexes arrays with int64")
+def test_arrays_beyond_int32_sizes_are_refused_before_allocation(inputs):
+    inp, args = inputs
+    logits, _ = lgm_op.lgm(*_symbol_inputs(), 2 ** 30)
+    with pytest.raises(MXNetError) as err:
+        logits.infer_shape(data=(N, D), label=(N,))
+    assert ("lgm: mean of shape (1073741824, 3) would have 3221225472 elements, more than the "
+            "2147483647 this MXNet build holds (built without INT64_TENSOR_SIZE)") in str(err.value)
+    assert_still_works(inp, args)
