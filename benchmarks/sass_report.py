@@ -273,24 +273,24 @@ def blocks_per_sm(arch, registers, smem, threads=THREADS):
 def kernel_rows(archs, only=None):
     rows = []
     by_file = {}
-    for file_name, base, dtype, name in KERNEL_ENTRIES:
+    for file_name, base, dtype, label, name in KERNEL_ENTRIES:
         if only and base not in only:
             continue
-        by_file.setdefault(file_name, []).append((base, dtype, name))
+        by_file.setdefault(file_name, []).append((base, dtype, label, name))
     for arch in archs:
         for file_name, entries in by_file.items():
-            log, cubin, lowered = compile_cubin(file_name, arch, [e[2] for e in entries])
+            log, cubin, lowered = compile_cubin(file_name, arch, [e[3] for e in entries])
             resources = resource_table(log)
             sass = disassemble(cubin)
-            for base, dtype, name in entries:
+            for base, dtype, label, name in entries:
                 symbol = lowered[name]
                 res = resources[symbol]
                 blocks, limiter = blocks_per_sm(arch, res["registers"], res["smem"])
-                row = dict(arch=arch, kernel=base, dtype=dtype, entry=name, **res,
+                row = dict(arch=arch, kernel=base, dtype=dtype, label=label, entry=name, **res,
                            blocks_per_sm=blocks, limiter=limiter,
                            occupancy=blocks * THREADS / GPUS[arch]["threads"])
                 if base in FMA_PER_UPDATE:
-                    updates = MAIN_LOOP_UPDATES[base]
+                    updates = MAIN_LOOP_UPDATES[dtype]
                     try:
                         tile, weighted, nested = main_loop(sass[symbol], FP_OPS[dtype][0],
                                                            updates, FMA_PER_UPDATE[base])
@@ -308,7 +308,8 @@ def predict(rows, sizes):
     out = []
     for arch in sorted({r["arch"] for r in rows}):
         lim = GPUS[arch]
-        kernels = {r["kernel"]: r for r in rows if r["arch"] == arch and r["dtype"] == "f32"}
+        kernels = {r["kernel"]: r for r in rows if r["arch"] == arch and r["dtype"] == "f32"
+                   and r["label"] in (None, "f32")}
         if not all(k in kernels for k in STEP_KERNELS):
             continue
         issue = ISSUE_PER_CLOCK * lim["clock_ghz"] * 1e9  # warp instructions per SM per second
@@ -335,12 +336,12 @@ def predict(rows, sizes):
 
 def format_report(rows, predictions):
     lines = []
-    head = ["arch", "kernel", "dtype", "regs", "spill st/ld", "smem", "blocks/SM (limit)",
+    head = ["arch", "kernel", "dtype", "label", "regs", "spill st/ld", "smem", "blocks/SM (limit)",
             "loop instr", "per update", "FP share", "LDS/iter"]
     table = []
     for r in rows:
         loop = r.get("main_loop")
-        table.append([r["arch"], r["kernel"], r["dtype"], r["registers"],
+        table.append([r["arch"], r["kernel"], r["dtype"], r["label"] or "-", r["registers"],
                       f"{r['spill_stores']}/{r['spill_loads']}", r["smem"],
                       f"{r['blocks_per_sm']} ({r['limiter']})",
                       f"{loop['instructions']:.0f}" if loop else "-",
@@ -370,7 +371,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--kernels", nargs="+", default=None,
-                        help="kernel names (forward, backward_dx, ...); default every kernel")
+                        choices=sorted({e[1] for e in KERNEL_ENTRIES}),
+                        help="kernels to report (default: every kernel)")
     parser.add_argument("--sizes", default=bench_gpu.DEFAULT_SIZES,
                         help="comma-separated NxKxD sizes of the time model")
     parser.add_argument("--out", default=None,

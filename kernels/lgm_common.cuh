@@ -1,17 +1,79 @@
 // Device helpers and tile sizes shared by the L-GM kernels (SPEC sections 1-2).
 //
 // Every kernel that contracts over N x K x D works on a 64 x 64 output tile with 256 threads: the
-// threads form a 16 x 16 grid and each owns 4 x 4 outputs strided by 16 (rows ty + 16 r, columns
-// tx + 16 c), so the 16 threads of a half-warp touch 16 consecutive columns in shared and global
-// memory. The contracted dimension is walked in steps of 16 through shared memory, and each step's
-// sum is formed separately before it is added to the running total: blocked summation, whose
-// rounding error grows like 16 + L / 16 instead of L for a contraction of length L.
+// threads form a 16 x 16 grid and each owns 4 x 4 outputs. The contracted dimension is walked in
+// steps of Blocking<T>::kStep through shared memory, two buffers deep: the next step's tile is
+// read from global memory into registers while the current one is used, and stored to the other
+// buffer after, so each step needs one barrier. Each step's sum is formed separately before it is
+// added to the running total: blocked summation, whose rounding error grows like S + L / S
+// instead of L for a contraction of length L in steps of S.
+//
+// Shared tiles are laid out so that each thread reads 16 bytes at a time (float4 / double2)
+// along the contracted dimension, or along 4 contiguous outputs; rows along which 16 threads read
+// different 16-byte words are padded to a stride that puts those words in different banks.
 namespace lgm {
 
 constexpr int kThreads = 256;  // threads per block of the tiled kernels
 constexpr int kTile = 64;      // edge of an output tile
-constexpr int kStep = 16;      // length of one step along the contracted dimension
-constexpr int kPer = 4;        // outputs per thread along each tile edge (kTile / 16)
+constexpr int kPer = 4;        // outputs per thread along each tile edge
+
+// Step length along the contracted dimension and the register budget, per dtype: two buffers
+// of three 64 x kStep tiles stay under the 48 KiB of static shared memory, and float32 is held to
+// 128 registers so that two blocks fit on an SM.
+template <typename T>
+struct Blocking;
+template <>
+struct Blocking<float> {
+    static constexpr int kStep = 16;
+    static constexpr int kMinBlocks = 2;  // __launch_bounds__: at most 128 registers
+};
+template <>
+struct Blocking<double> {
+    static constexpr int kStep = 8;
+    static constexpr int kMinBlocks = 1;
+};
+
+// (mu, iv) of one element of the interleaved mean_iv (K, D, 2) buffer, read in one load.
+template <typename T>
+struct Pair;
+template <>
+struct Pair<float> {
+    using type = float2;
+};
+template <>
+struct Pair<double> {
+    using type = double2;
+};
+
+// Elements per 16-byte shared-memory load.
+template <typename T>
+struct Vec {
+    static constexpr int kWidth = 16 / sizeof(T);
+};
+
+// v[0..3] = p[0..3], in 16-byte loads (p is 16-byte aligned).
+__device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x;
+    v[1] = q.y;
+    v[2] = q.z;
+    v[3] = q.w;
+}
+__device__ __forceinline__ void load4(const double* p, double (&v)[4]) {
+    const double2 a = reinterpret_cast<const double2*>(p)[0];
+    const double2 b = reinterpret_cast<const double2*>(p)[1];
+    v[0] = a.x;
+    v[1] = a.y;
+    v[2] = b.x;
+    v[3] = b.y;
+}
+// v[0..W-1] = p[0..W-1] for the W = Vec<T>::kWidth elements of one 16-byte load.
+__device__ __forceinline__ void load_vec(const float* p, float (&v)[4]) { load4(p, v); }
+__device__ __forceinline__ void load_vec(const double* p, double (&v)[2]) {
+    const double2 q = *reinterpret_cast<const double2*>(p);
+    v[0] = q.x;
+    v[1] = q.y;
+}
 
 // The clamp of SPEC section 1, c = clip(s, logvar_min, logvar_max). Written with comparisons
 // rather than fmin/fmax so that a NaN log-variance stays NaN instead of turning into a bound.
@@ -35,17 +97,21 @@ __device__ __forceinline__ double exp_of(double v) { return exp(v); }
 __device__ __forceinline__ float fma_of(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double fma_of(double a, double b, double c) { return fma(a, b, c); }
 
-// Inverse variance iv = exp(-c) of the clamped log-variance.
-template <typename T>
-__device__ __forceinline__ T inverse_variance(T s, T logvar_min, T logvar_max) {
-    return exp_of(-clamp_log_var(s, logvar_min, logvar_max));
+// The class of a label value of any real dtype: an integer in [0, K), else -1. The range test
+// comes first: it rejects NaN (every comparison is false) and makes the conversion to int well
+// defined; a round trip then rejects fractions.
+template <typename L>
+__device__ __forceinline__ int class_of(L v, int num_classes) {
+    const bool in_range = v >= L(0) && v < L(num_classes);
+    const int k = in_range ? (int)v : 0;
+    return (in_range && L(k) == v) ? k : -1;
 }
 
-// s[k, j] of a (K, D) log-variance, or s[k, 0] of an isotropic (K, 1) one.
+// a[k, j] of a (K, D) per-class array, or a[k, 0] of an isotropic (K, 1) one.
 template <typename T>
-__device__ __forceinline__ T log_var_at(const T* __restrict__ log_var, int k, int j, int dim,
-                                        int isotropic) {
-    return log_var[isotropic ? (long long)k : (long long)k * dim + j];
+__device__ __forceinline__ T per_class_at(const T* __restrict__ a, int k, int j, int dim,
+                                          int isotropic) {
+    return a[isotropic ? (long long)k : (long long)k * dim + j];
 }
 
 // Sum over the 16 lanes of a half-warp (lanes that share threadIdx.x / 16). The butterfly order
@@ -53,6 +119,15 @@ __device__ __forceinline__ T log_var_at(const T* __restrict__ log_var, int k, in
 template <typename T>
 __device__ __forceinline__ T half_warp_sum(T v) {
     for (int offset = 8; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// Sum over the 32 lanes of a warp, in a fixed order.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
         v += __shfl_xor_sync(0xffffffffu, v, offset);
     }
     return v;

@@ -1,248 +1,176 @@
 // Forward of the L-GM loss, SPEC section 1: logits (N, K) and lkd (N,).
 //
-// lgm_forward_*  one 64 x 64 tile of (samples, classes) per block; labels given (int32, checked).
-// lgm_logits_*   the same kernel for the label-free form: logits without margin, no lkd.
-// lgm_lkd_rows_* lkd of given classes, one warp per sample (the label-free form's predicted class).
+// lgm::forward<T, L, true>   one 64 x 64 tile of (classes, samples) per block, labels of dtype L
+//                            checked on the way: the first bad index goes to *first_bad.
+// lgm::forward<T, int, false> the label-free form: logits without margin, no lkd.
+// lgm::lkd_rows<T>           lkd of given int32 classes, one warp per sample (the label-free
+//                            form's predicted class).
+// Launch: block 256; forward grid (ceil(K / 64), ceil(N / 64)); lkd_rows grid ceil(N / 8).
+// mean_iv and log_det come from lgm::class_terms (lgm_class_terms.cu).
 #include "lgm_common.cuh"
 
 namespace lgm {
 
-constexpr int kWarp = 32;
-
-// Sum over the 32 lanes of a warp, in a fixed order.
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        v += __shfl_xor_sync(0xffffffffu, v, offset);
-    }
-    return v;
-}
-
 // One 64 x 64 tile of logits, and lkd for the samples whose label falls in the tile's classes.
-// Nothing N x K x D is stored: the tile loop reads each x and mean element once per tile and forms
-// the inverse variance while loading, so the clamped K x D parameters never exist in memory.
-template <typename T, bool kWithLabel>
-__device__ __forceinline__ void forward_tile(
+// Nothing N x K x D is stored: the tile loop reads each x and (mean, iv) element once per tile.
+template <typename T, typename L, bool kWithLabel>
+__global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) forward(
     // data
-    const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ log_var,
-    const int* __restrict__ label, T* __restrict__ logits, T* __restrict__ lkd,
+    const T* __restrict__ x, const T* __restrict__ mean_iv, const T* __restrict__ log_det,
+    const L* __restrict__ label, T* __restrict__ logits, T* __restrict__ lkd,
+    int* __restrict__ first_bad,
     // shapes
     int n, int num_classes, int dim,
     // options
-    T alpha, T logvar_min, T logvar_max, int logdet_logits, int logdet_lkd, int isotropic) {
-    // x is read along rows (a broadcast within each half-warp), mean and iv along classes; the
-    // class tiles are stored transposed, padded by one so that the transposing store does not
-    // put a half-warp's 16 writes into one bank.
-    __shared__ T x_tile[kTile][kStep];
-    __shared__ T mean_tile[kStep][kTile + 1];
-    __shared__ T iv_tile[kStep][kTile + 1];
-    __shared__ T log_det_tile[kTile];
+    T alpha, int logdet_logits, int logdet_lkd) {
+    using P = typename Pair<T>::type;
+    constexpr int S = Blocking<T>::kStep;
+    constexpr int W = Vec<T>::kWidth;
+    constexpr int kLoads = kTile * S / kThreads;  // elements of each tile one thread loads
+    constexpr int kLoadRows = kThreads / S;       // tile rows one pass of loads covers
+    // Rows of S elements along D, padded by one 16-byte word: the 8 threads of a quarter-warp
+    // read 8 consecutive class rows, whose words then fall in 8 different bank groups.
+    __shared__ __align__(16) T x_tile[2][kTile][S + W];
+    __shared__ __align__(16) T mean_tile[2][kTile][S + W];
+    __shared__ __align__(16) T iv_tile[2][kTile][S + W];
 
     const int tx = threadIdx.x % 16;  // computes classes tx + 16 c
     const int ty = threadIdx.x / 16;  // computes samples ty + 16 r
-    const int row0 = blockIdx.x * kTile;
-    const int class0 = blockIdx.y * kTile;
+    const int class0 = blockIdx.x * kTile;
+    const int row0 = blockIdx.y * kTile;
+    // Loading: thread t fetches column t % S of tile rows t / S + kLoadRows e, so consecutive
+    // threads read consecutive features of one row. Rows past N or K load 0 (and add 0).
+    const int load_col = threadIdx.x % S;
+    const int load_row = threadIdx.x / S;
+    const T* x_src = x + (long long)(row0 + load_row) * dim + load_col;
+    const P* mean_iv_src =
+        reinterpret_cast<const P*>(mean_iv) + (long long)(class0 + load_row) * dim + load_col;
+    const long long pass = (long long)kLoadRows * dim;  // elements between a thread's rows
 
-    // Step 1 (SPEC 1, d[i,k]): walk D in steps of 16. For loading, thread (tx, ty) fetches
-    // feature j0 + tx of samples / classes ty + 16 r: 16 consecutive addresses per half-warp.
-    T acc[kPer][kPer] = {};
-    T c_sum[kPer] = {};  // this thread's share of log|Sigma_k| for classes ty + 16 r
-    for (int j0 = 0; j0 < dim; j0 += kStep) {
-        const int j = j0 + tx;
-        for (int r = 0; r < kPer; ++r) {
-            const int i = row0 + ty + 16 * r;
-            x_tile[ty + 16 * r][tx] = (i < n && j < dim) ? x[(long long)i * dim + j] : T(0);
-            const int k = class0 + ty + 16 * r;
-            T m = 0;
-            T iv = 0;  // padding classes and features add t^2 * 0
-            if (k < num_classes && j < dim) {
-                m = mean[(long long)k * dim + j];
-                const T c = clamp_log_var(log_var_at(log_var, k, j, dim, isotropic), logvar_min,
-                                          logvar_max);
-                iv = exp_of(-c);
-                c_sum[r] += c;
-            }
-            mean_tile[tx][ty + 16 * r] = m;
-            iv_tile[tx][ty + 16 * r] = iv;
+    // Step 1 (SPEC 1, d[i,k]): walk D in steps of S.
+    T x_next[kLoads];
+    P mean_iv_next[kLoads];
+    auto fetch = [&](int j0) {
+        const bool in = j0 + load_col < dim;
+#pragma unroll
+        for (int e = 0; e < kLoads; ++e) {
+            const int r = load_row + kLoadRows * e;
+            x_next[e] = (in && row0 + r < n) ? x_src[e * pass + j0] : T(0);
+            mean_iv_next[e] =
+                (in && class0 + r < num_classes) ? mean_iv_src[e * pass + j0] : P{T(0), T(0)};
         }
-        __syncthreads();
-        // Blocked summation: this step's 16 terms are summed on their own, then added.
+    };
+    auto store = [&](int buf) {
+#pragma unroll
+        for (int e = 0; e < kLoads; ++e) {
+            const int r = load_row + kLoadRows * e;
+            x_tile[buf][r][load_col] = x_next[e];
+            mean_tile[buf][r][load_col] = mean_iv_next[e].x;
+            iv_tile[buf][r][load_col] = mean_iv_next[e].y;
+        }
+    };
+
+    T acc[kPer][kPer] = {};
+    const int steps = (dim + S - 1) / S;
+    fetch(0);
+    store(0);
+    __syncthreads();
+    for (int step = 0; step < steps; ++step) {
+        const int buf = step & 1;
+        const bool more = step + 1 < steps;
+        if (more) fetch((step + 1) * S);  // in flight while this step computes
+        // Blocked summation: this step's S terms are summed on their own, then added.
         T part[kPer][kPer] = {};
-        for (int jj = 0; jj < kStep; ++jj) {
-            T xv[kPer], mv[kPer], ivv[kPer];
-            for (int r = 0; r < kPer; ++r) xv[r] = x_tile[ty + 16 * r][jj];
+#pragma unroll
+        for (int jj = 0; jj < S; jj += W) {
+            T xv[kPer][W];
+#pragma unroll
+            for (int r = 0; r < kPer; ++r) load_vec(&x_tile[buf][ty + 16 * r][jj], xv[r]);
+#pragma unroll
             for (int c = 0; c < kPer; ++c) {
-                mv[c] = mean_tile[jj][tx + 16 * c];
-                ivv[c] = iv_tile[jj][tx + 16 * c];
-            }
-            for (int r = 0; r < kPer; ++r) {
-                for (int c = 0; c < kPer; ++c) {
-                    // Direct form (x - mu)^2 iv: no cancellation however far x is from 0.
-                    const T t = xv[r] - mv[c];
-                    part[r][c] = fma_of(t * t, ivv[c], part[r][c]);
+                T mv[W], vv[W];
+                load_vec(&mean_tile[buf][tx + 16 * c][jj], mv);
+                load_vec(&iv_tile[buf][tx + 16 * c][jj], vv);
+#pragma unroll
+                for (int w = 0; w < W; ++w) {
+#pragma unroll
+                    for (int r = 0; r < kPer; ++r) {
+                        // Direct form (x - mu)^2 iv: no cancellation however far x is from 0.
+                        const T t = xv[r][w] - mv[w];
+                        part[r][c] = fma_of(t * t, vv[w], part[r][c]);
+                    }
                 }
             }
         }
+#pragma unroll
         for (int r = 0; r < kPer; ++r) {
+#pragma unroll
             for (int c = 0; c < kPer; ++c) acc[r][c] += part[r][c];
         }
+        // The other buffer was last read in the previous step, which every thread finished
+        // before the barrier that ended it.
+        if (more) store(buf ^ 1);
         __syncthreads();
     }
 
-    // Step 2 (SPEC 1, ld[k]): the 16 threads that loaded class ty + 16 r hold its partial sums.
-    for (int r = 0; r < kPer; ++r) {
-        const T total = half_warp_sum(c_sum[r]);
-        const int k = class0 + ty + 16 * r;
-        if (tx == 0) {
-            T ld = 0;
-            if (k < num_classes) {
-                // Isotropic: D * c, exactly as SPEC writes it, not a sum of D equal terms.
-                ld = isotropic ? T(dim) * clamp_log_var(log_var[k], logvar_min, logvar_max)
-                               : total;
-            }
-            log_det_tile[ty + 16 * r] = ld;
-        }
-    }
-    __syncthreads();
-
-    // Step 3 (SPEC 1, logits and lkd). Each sample's label lies in exactly one class tile, so
-    // exactly one thread of the grid writes its lkd.
+    // Step 2 (SPEC 1, logits and lkd). Each sample's label lies in exactly one class tile, so
+    // exactly one thread of the grid writes its lkd; the first class tile checks the labels.
     const T logits_ld_weight = logdet_logits ? T(0.5) : T(0);
     const T lkd_ld_weight = logdet_lkd ? T(0.5) : T(0);
+    T ld[kPer];
+#pragma unroll
+    for (int c = 0; c < kPer; ++c) {
+        const int k = class0 + tx + 16 * c;
+        ld[c] = k < num_classes ? log_det[k] : T(0);
+    }
+#pragma unroll
     for (int r = 0; r < kPer; ++r) {
         const int i = row0 + ty + 16 * r;
         if (i >= n) continue;
-        const int y = kWithLabel ? label[i] : -1;
+        int y = -1;
+        if (kWithLabel) {
+            y = class_of(label[i], num_classes);
+            if (y < 0 && blockIdx.x == 0 && tx == 0) atomicMin(first_bad, i);
+        }
+#pragma unroll
         for (int c = 0; c < kPer; ++c) {
             const int k = class0 + tx + 16 * c;
             if (k >= num_classes) continue;
             const T half_d = T(0.5) * acc[r][c];
-            const T ld = log_det_tile[tx + 16 * c];
             const T margin = (k == y) ? T(1) + alpha : T(1);
-            logits[(long long)i * num_classes + k] = -margin * half_d - logits_ld_weight * ld;
-            if (kWithLabel && k == y) lkd[i] = half_d + lkd_ld_weight * ld;
+            logits[(long long)i * num_classes + k] = -margin * half_d - logits_ld_weight * ld[c];
+            if (kWithLabel && k == y) lkd[i] = half_d + lkd_ld_weight * ld[c];
         }
     }
 }
 
 // lkd[i] = d[i, y_i] + 0.5 ld[y_i] [logdet_lkd] for given classes y (SPEC 1); one warp per sample,
 // lanes striding over D. Used by the label-free form, whose classes are known only after the
-// logits (their argmax).
+// logits (their argmax). No __launch_bounds__: with one, ptxas squeezes the double version into
+// 40 registers on sm_80 and spills.
 template <typename T>
-__device__ __forceinline__ void lkd_rows(
+__global__ void lkd_rows(
     // data
-    const T* __restrict__ x, const T* __restrict__ mean, const T* __restrict__ log_var,
+    const T* __restrict__ x, const T* __restrict__ mean_iv, const T* __restrict__ log_det,
     const int* __restrict__ label, T* __restrict__ lkd,
     // shapes
     int n, int dim,
     // options
-    T logvar_min, T logvar_max, int logdet_lkd, int isotropic) {
-    const int lane = threadIdx.x % kWarp;
-    const int i = (int)(((long long)blockIdx.x * blockDim.x + threadIdx.x) / kWarp);
+    int logdet_lkd) {
+    using P = typename Pair<T>::type;
+    const int lane = threadIdx.x % 32;
+    const int i = (int)(((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32);
     if (i >= n) return;  // the whole warp leaves together, so the shuffles below stay full
     const int k = label[i];
+    const P* terms = reinterpret_cast<const P*>(mean_iv) + (long long)k * dim;
     T dist = 0;
-    T c_sum = 0;
-    for (int j = lane; j < dim; j += kWarp) {
-        const T c = clamp_log_var(log_var_at(log_var, k, j, dim, isotropic), logvar_min,
-                                  logvar_max);
-        const T t = x[(long long)i * dim + j] - mean[(long long)k * dim + j];
-        dist = fma_of(t * t, exp_of(-c), dist);
-        c_sum += c;
+    for (int j = lane; j < dim; j += 32) {
+        const P m = terms[j];
+        const T t = x[(long long)i * dim + j] - m.x;
+        dist = fma_of(t * t, m.y, dist);
     }
     dist = warp_sum(dist);
-    c_sum = warp_sum(c_sum);
-    if (lane == 0) {
-        const T ld = isotropic ? T(dim) * clamp_log_var(log_var[k], logvar_min, logvar_max)
-                               : c_sum;
-        lkd[i] = T(0.5) * dist + (logdet_lkd ? T(0.5) : T(0)) * ld;
-    }
+    if (lane == 0) lkd[i] = T(0.5) * dist + (logdet_lkd ? T(0.5) : T(0)) * log_det[k];
 }
 
 }  // namespace lgm
-
-// Exported entry points, one per dtype (extern "C": no name mangling, found by name).
-// lgm_forward_* / lgm_logits_*: block 256, grid (ceil(N / 64), ceil(K / 64)).
-// lgm_lkd_rows_*: block 256 (8 samples), grid ceil(N / 8). It has no __launch_bounds__: with one,
-// ptxas squeezes the double version into 40 registers on sm_80 and spills.
-
-extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_forward_f32(
-    // data
-    const float* __restrict__ x, const float* __restrict__ mean,
-    const float* __restrict__ log_var, const int* __restrict__ label, float* __restrict__ logits,
-    float* __restrict__ lkd,
-    // shapes
-    int n, int num_classes, int dim,
-    // options
-    float alpha, float logvar_min, float logvar_max, int logdet_logits, int logdet_lkd,
-    int isotropic) {
-    lgm::forward_tile<float, true>(x, mean, log_var, label, logits, lkd, n, num_classes, dim,
-                                   alpha, logvar_min, logvar_max, logdet_logits, logdet_lkd,
-                                   isotropic);
-}
-
-extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_forward_f64(
-    // data
-    const double* __restrict__ x, const double* __restrict__ mean,
-    const double* __restrict__ log_var, const int* __restrict__ label,
-    double* __restrict__ logits, double* __restrict__ lkd,
-    // shapes
-    int n, int num_classes, int dim,
-    // options
-    double alpha, double logvar_min, double logvar_max, int logdet_logits, int logdet_lkd,
-    int isotropic) {
-    lgm::forward_tile<double, true>(x, mean, log_var, label, logits, lkd, n, num_classes, dim,
-                                    alpha, logvar_min, logvar_max, logdet_logits, logdet_lkd,
-                                    isotropic);
-}
-
-extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_logits_f32(
-    // data
-    const float* __restrict__ x, const float* __restrict__ mean,
-    const float* __restrict__ log_var, float* __restrict__ logits,
-    // shapes
-    int n, int num_classes, int dim,
-    // options
-    float logvar_min, float logvar_max, int logdet_logits, int isotropic) {
-    lgm::forward_tile<float, false>(x, mean, log_var, nullptr, logits, nullptr, n, num_classes,
-                                    dim, 0.0f, logvar_min, logvar_max, logdet_logits, 0,
-                                    isotropic);
-}
-
-extern "C" __global__ void __launch_bounds__(lgm::kThreads) lgm_logits_f64(
-    // data
-    const double* __restrict__ x, const double* __restrict__ mean,
-    const double* __restrict__ log_var, double* __restrict__ logits,
-    // shapes
-    int n, int num_classes, int dim,
-    // options
-    double logvar_min, double logvar_max, int logdet_logits, int isotropic) {
-    lgm::forward_tile<double, false>(x, mean, log_var, nullptr, logits, nullptr, n, num_classes,
-                                     dim, 0.0, logvar_min, logvar_max, logdet_logits, 0,
-                                     isotropic);
-}
-
-extern "C" __global__ void lgm_lkd_rows_f32(
-    // data
-    const float* __restrict__ x, const float* __restrict__ mean,
-    const float* __restrict__ log_var, const int* __restrict__ label, float* __restrict__ lkd,
-    // shapes
-    int n, int dim,
-    // options
-    float logvar_min, float logvar_max, int logdet_lkd, int isotropic) {
-    lgm::lkd_rows<float>(x, mean, log_var, label, lkd, n, dim, logvar_min, logvar_max, logdet_lkd,
-                         isotropic);
-}
-
-extern "C" __global__ void lgm_lkd_rows_f64(
-    // data
-    const double* __restrict__ x, const double* __restrict__ mean,
-    const double* __restrict__ log_var, const int* __restrict__ label,
-    double* __restrict__ lkd,
-    // shapes
-    int n, int dim,
-    // options
-    double logvar_min, double logvar_max, int logdet_lkd, int isotropic) {
-    lgm::lkd_rows<double>(x, mean, log_var, label, lkd, n, dim, logvar_min, logvar_max,
-                          logdet_lkd, isotropic);
-}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 __all__ = ["kernels_dir", "load_source", "source_hash", "KERNEL_FILES"]
 
-KERNEL_FILES = ("lgm_labels.cu", "lgm_forward.cu", "lgm_backward.cu")
+KERNEL_FILES = ("lgm_class_terms.cu", "lgm_forward.cu", "lgm_backward.cu")
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([A-Za-z0-9_.]+)"[ \t]*$', re.M)
 

@@ -366,6 +366,40 @@ def test_template_instances(good, rng, name, dtype):
                                                  "float*" if dtype == np.float32 else "double*"]
 
 
+TEMPLATES = r"""
+namespace ops {
+// y = a x + (bias ? bias : 0): a __global__ template found by name expression, with a pointer that
+// may be null.
+template <typename T, int kScale>
+__global__ void axpy(const T* x, const T* bias, T* y, T a, int n)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = T(kScale) * a * x[i] + (bias ? bias[i] : T(0));
+}
+}  // namespace ops
+"""
+
+
+def test_template_kernels_by_name_expression(rng):
+    names = ["ops::axpy<float, 1>", "ops::axpy<double, 2>"]
+    mod = cudasim.RawModule(code=TEMPLATES, name_expressions=names)
+    assert list(mod.kernel_names) == names
+    for name, dtype, scale in zip(names, (np.float32, np.float64), (1, 2)):
+        fn = mod.get_function(name)
+        assert fn.params[3].code == np.dtype(dtype).kind + str(np.dtype(dtype).itemsize)
+        x = rng.standard_normal(100).astype(dtype)
+        bias = rng.standard_normal(100).astype(dtype)
+        y = np.zeros(100, dtype)
+        fn((2,), (64,), (x, None, y, dtype(3), np.int32(100)))
+        np.testing.assert_array_equal(y, dtype(scale) * dtype(3) * x)
+        fn((2,), (64,), (x, bias, y, dtype(3), np.int32(100)))
+        np.testing.assert_array_equal(y, dtype(scale) * dtype(3) * x + bias)
+    with pytest.raises(ValueError, match=r"no kernel named 'ops::axpy<int, 1>'"):
+        mod.get_function("ops::axpy<int, 1>")
+    with pytest.raises(ValueError, match="name_expressions must be non-empty one-line strings"):
+        cudasim.RawModule(code=TEMPLATES, name_expressions=[""])
+
+
 def test_builtins_and_3d_launch(good, rng):
     grid, block = (2, 3, 2), (4, 2, 3)
     total = 2 * 3 * 2 * 4 * 2 * 3
@@ -444,7 +478,7 @@ def test_argument_checks(good):
         fn(1, 64, ok[:4])
     with pytest.raises(ValueError, match=r"argument 0 \(const float\*\): the array is not C-contiguous"):
         fn(1, 64, (np.zeros(16, np.float32)[::2], y, np.float32(1), np.float32(0), np.int32(8)))
-    with pytest.raises(TypeError, match=r"argument 0 \(const float\*\): expected a NumPy array, got list"):
+    with pytest.raises(TypeError, match=r"argument 0 \(const float\*\): expected a NumPy array or None, got list"):
         fn(1, 64, ([0.0] * 8, y, np.float32(1), np.float32(0), np.int32(8)))
     readonly = np.zeros(8, np.float32)
     readonly.flags.writeable = False

@@ -38,8 +38,8 @@ def test_forward_report_on_sm_90(toolchain, capsys):
     (prediction,) = sass_report.predict(
         [dict(r, kernel=k) for r in rows for k in sass_report.STEP_KERNELS], [(1024, 10000, 512)])
     assert prediction["total_ms"] > prediction["sgemm_floor_ms"] > 0
-    assert sass_report.main(["--arch", "sm_90", "--kernels", "labels"]) == 0
-    assert "labels" in capsys.readouterr().out
+    assert sass_report.main(["--arch", "sm_90", "--kernels", "class_ids"]) == 0
+    assert "class_ids" in capsys.readouterr().out
 
 
 def test_blocks_per_sm_follows_the_occupancy_rules():

@@ -17,6 +17,7 @@ Nothing here imports MXNet or CuPy.
 """
 import ctypes
 import hashlib
+import json
 import os
 import platform
 import re
@@ -214,14 +215,21 @@ def _macro_flags(options):
     return flags
 
 
+def _entry_symbol(index, name):
+    """The C identifier of the launch entry of kernel ``name``: an extern "C" name as it is, a
+    template name expression (``ns::kernel<float, int>``) by its position."""
+    return name if re.fullmatch(r"[A-Za-z_]\w*", name) else f"expr{index}"
+
+
 def _translation_unit(code, names):
     entries = []
-    for name in names:
+    for index, name in enumerate(names):
+        symbol = _entry_symbol(index, name)
         entries.append(
-            f'extern "C" __attribute__((visibility("default"))) int cudasim_launch__{name}('
+            f'extern "C" __attribute__((visibility("default"))) int cudasim_launch__{symbol}('
             f'void* const* a, const long long* c, unsigned long long s, char* e, unsigned long long n)\n'
-            f'{{ return ::cudasim::launch(&{name}, "{name}", a, c, s, e, n); }}\n'
-            f'extern "C" __attribute__((visibility("default"))) unsigned long long cudasim_signature__{name}('
+            f'{{ return ::cudasim::launch(&{name}, {json.dumps(name)}, a, c, s, e, n); }}\n'
+            f'extern "C" __attribute__((visibility("default"))) unsigned long long cudasim_signature__{symbol}('
             f'char* b, unsigned long long n)\n'
             f'{{ return ::cudasim::signature(&{name}, b, n); }}\n')
     return ('#include "cudasim.h"\n#line 1 "kernel.cu"\n' + _rewrite_extern_shared(code) +
@@ -259,19 +267,20 @@ def _build(source, flags, rebuild=False):
 class RawModule:
     """Compiles CUDA source for the CPU simulator; ``get_function`` returns its kernels.
 
-    ``code``: CUDA source whose kernels are ``extern "C" __global__`` functions (instantiate
-    templates behind such wrappers). ``options``: NVRTC-style options; only macro definitions
-    (``-DNAME=VALUE``, ``-UNAME``) matter here. ``sanitize``: build with AddressSanitizer; the process
-    must then run with the environment from :func:`asan_env`.
+    ``code``: CUDA source whose kernels are ``extern "C" __global__`` functions and, as with CuPy,
+    ``__global__`` templates named by ``name_expressions`` (``"ns::kernel<float, int>"``: each is
+    instantiated and found by ``get_function`` under that exact text). ``options``: NVRTC-style
+    options; only macro definitions (``-DNAME=VALUE``, ``-UNAME``) matter here. ``sanitize``: build
+    with AddressSanitizer; the process must then run with the environment from :func:`asan_env`.
     """
 
     def __init__(self, code=None, *, options=(), sanitize=False, backend="nvrtc", name_expressions=None,
                  jitify=False, translate_cucomplex=False, enable_cooperative_groups=False, path=None):
         if path is not None or code is None:
             raise ValueError("cudasim: RawModule needs the source text as code=...")
-        if name_expressions:
-            raise ValueError("cudasim: name_expressions is not supported; wrap template instances in "
-                             "extern \"C\" __global__ functions")
+        expressions = tuple(name_expressions or ())
+        if any(not isinstance(e, str) or not e.strip() or '"' in e or "\n" in e for e in expressions):
+            raise ValueError(f"cudasim: name_expressions must be non-empty one-line strings, got {expressions!r}")
         if not isinstance(code, str):
             raise TypeError("cudasim: code must be a str")
         if sanitize and not _asan_loaded():
@@ -280,7 +289,8 @@ class RawModule:
         self.code = code
         self.options = tuple([options] if isinstance(options, str) else options)
         self.sanitize = bool(sanitize)
-        self.kernel_names = tuple(kernel_names(code))
+        self.kernel_names = tuple(kernel_names(code)) + tuple(e for e in expressions
+                                                               if e not in kernel_names(code))
         flags = (*CXXFLAGS, *(ASAN_FLAGS if sanitize else ()), *_macro_flags(self.options))
         source = _translation_unit(code, self.kernel_names)
         self.path = _build(source, flags)
@@ -293,13 +303,14 @@ class RawModule:
         self._lock = threading.Lock()
 
     def get_function(self, name):
-        """The kernel ``name`` (an ``extern "C" __global__`` function of this module)."""
+        """The kernel ``name``: an ``extern "C" __global__`` function or one of the module's
+        name expressions."""
         with self._lock:
             if name not in self._kernels:
                 if name not in self.kernel_names:
                     raise ValueError(f"cudasim: no kernel named {name!r}; this module has "
                                      f"{', '.join(self.kernel_names) or 'none'} (only extern \"C\" "
-                                     f"__global__ functions are visible)")
+                                     f"__global__ functions and name expressions are visible)")
                 self._kernels[name] = RawKernel._from_module(self, name)
             return self._kernels[name]
 
@@ -326,11 +337,12 @@ class RawKernel:
         self.module = module
         self.name = name
         lib = module._lib
-        self._launch = getattr(lib, f"cudasim_launch__{name}")
+        symbol = _entry_symbol(module.kernel_names.index(name), name)
+        self._launch = getattr(lib, f"cudasim_launch__{symbol}")
         self._launch.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong),
                                  ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_ulonglong)
         self._launch.restype = ctypes.c_int
-        sig = getattr(lib, f"cudasim_signature__{name}")
+        sig = getattr(lib, f"cudasim_signature__{symbol}")
         sig.argtypes = (ctypes.c_char_p, ctypes.c_ulonglong)
         sig.restype = ctypes.c_ulonglong
         buf = ctypes.create_string_buffer(int(sig(None, 0)) + 1)
@@ -374,8 +386,10 @@ class RawKernel:
 
     @staticmethod
     def _pointer(where, code, arg):
+        if arg is None:   # a null pointer, as CuPy passes None
+            return None
         if not isinstance(arg, np.ndarray):
-            raise TypeError(f"{where}: expected a NumPy array, got {type(arg).__name__}")
+            raise TypeError(f"{where}: expected a NumPy array or None, got {type(arg).__name__}")
         const, elem = code[1:2] == "c", code.lstrip("*c")
         if elem == "?":
             raise TypeError(f"{where}: the simulator cannot check arrays for this pointer type")
