@@ -65,6 +65,12 @@ class LGMLoss(HybridBlock):
         self.params._params[name] = counter  # pylint: disable=protected-access
         return counter
 
+    def cast(self, dtype):
+        """Cast ``mean`` and ``log_var``; the schedule's counter stays float64."""
+        super().cast(dtype)
+        if not self.schedule.is_constant:
+            self.margin_iter.cast(np.float64)
+
     def hybrid_forward(self, F, x, label, mean, log_var, margin_iter=None):
         inputs = [x, label, mean, log_var] + ([] if margin_iter is None else [margin_iter])
         out = F.Custom(*inputs, op_type="lgm", **self._attrs)

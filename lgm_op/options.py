@@ -86,7 +86,8 @@ def _parse_bool(name, value, strict):
         key = str(value).strip().lower()
         if key in _TRUE:
             return _TRUE[key]
-    raise ValueError(f"lgm: attribute {name} must be a boolean (True/False/1/0), got {value!r}")
+    spelled = "True or False" if strict else "True/False/1/0"
+    raise ValueError(f"lgm: attribute {name} must be a boolean ({spelled}), got {value!r}")
 
 
 def _parse_float(name, value, strict):

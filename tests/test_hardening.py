@@ -151,6 +151,26 @@ def test_counter_counts_exactly_past_2_to_the_24(inputs):
     assert block.margin_iter.data().asnumpy()[0] == start + 1
 
 
+def test_counter_stays_float64_when_the_block_is_cast(inputs):
+    inp, _ = inputs
+    net = mx.gluon.nn.HybridSequential()
+    net.add(lgm_op.LGMLoss(K, in_units=D, margin_policy="add"))
+    net.initialize()
+    for dtype in ("float64", "float32"):  # a cast to float32 would narrow the counter too
+        net.cast(dtype)
+        block = net[0]
+        assert np.dtype(block.mean.dtype) == dtype
+        assert np.dtype(block.margin_iter.dtype) == np.float64
+    block.mean.set_data(mx.nd.array(inp["mu"]))
+    block.log_var.set_data(mx.nd.array(inp["s"]))
+    with mx.autograd.record():
+        _, logits = block(mx.nd.array(inp["x"]), mx.nd.array(inp["y"]))
+    want = numpy_forward(inp["x"], inp["y"], inp["mu"], inp["s"], LGMOptions(num_classes=K), True)
+    # float32 computation of float32-rounded inputs against the float64 reference
+    np.testing.assert_allclose(logits.asnumpy(), want[0], rtol=1e-5, atol=1e-5)
+    assert block.margin_iter.data().asnumpy()[0] == 1
+
+
 def test_counter_is_float64_for_float32_data():
     data, label = _symbol_inputs()
     logits, _ = lgm_op.lgm(data, label, K, margin_policy="warmup")
