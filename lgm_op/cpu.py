@@ -24,6 +24,7 @@ Framework-free: NumPy arrays in, NumPy arrays out, optionally written into calle
 (``out``); the launchers in ``cuda.py`` share these signatures.
 """
 import ctypes
+import functools
 import threading
 
 import numpy as np
@@ -40,6 +41,12 @@ _TAU = {np.dtype(np.float32): 2.0, np.dtype(np.float64): 1e3}
 _CENTROID_ROWS = 255
 # Entries computed directly per chunk (times D float64 values in flight).
 _DIRECT_CHUNK = 1 << 21
+# Below this many features, float32 backward products run in float64. Their sums over samples
+# (parameters) and classes (features) accumulate rounding with the length of the sum, and where
+# the features spread far beyond their distances to a class mean (2-D classes 1e2 to 1e4 apart)
+# that exceeds what the reference's compensated sums give; with few features the products are a
+# small part of the cost (the passes over N x K dominate), so they are computed exactly enough.
+_WIDE_BACKWARD_DIM = 32
 
 
 _local = threading.local()
@@ -226,6 +233,17 @@ def _expanded_distances(xc, norm, classes, tau, out):
     return suspect
 
 
+def _quiet(function):
+    """Non-finite inputs give non-finite outputs where the math puts them (SPEC section 4); NumPy's
+    warnings about them on the way are noise."""
+    @functools.wraps(function)
+    def quiet(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return function(*args, **kwargs)
+    return quiet
+
+
+@_quiet
 def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None):
     """Forward of SPEC section 1.
 
@@ -288,6 +306,7 @@ def _add_segments(acc, index, values):
     acc[idx[starts]] += np.add.reduceat(values[order], starts, axis=0)
 
 
+@_quiet
 def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, training,
                      need=(True, True, True), out=None, state=None):
     """Backward of SPEC section 2.
@@ -314,7 +333,8 @@ def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, trainin
 
     # 1. G = dL/dd: (N, K), with the directly computed entries taken out of it
     alpha = opts.margin(training)
-    g = np.negative(gz, out=_scratch("nk", gz.shape, dtype), dtype=dtype)
+    work = np.float64 if dim < _WIDE_BACKWARD_DIM else dtype
+    g = np.negative(gz, out=_scratch("nk", gz.shape, work), dtype=work)
     rows, cols = _entries(rows_all, y, k, bad_rows, classes.bad, n)
     g_direct = g[rows, cols].astype(np.float64)
     on_label = cols == y[rows]
@@ -322,7 +342,8 @@ def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, trainin
     g_direct[on_label] += gl[rows[on_label]]
     g[rows, cols] = 0
 
-    iv, mc = classes.iv, classes.mc
+    iv, mc, mciv = (a.astype(work, copy=False) for a in (classes.iv, classes.mc, classes.mciv))
+    xc, norm = xc.astype(work, copy=False), norm.astype(work, copy=False)
     dx = _buffer(out[0], (n, dim), dtype) if need_dx else None
     dmu = _buffer(out[1], (k, dim), dtype) if need_dmu else None
     ds = _buffer(out[2], classes.log_var.shape, dtype) if need_ds else None
@@ -330,13 +351,13 @@ def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, trainin
     # 2. dx = x * (G iv) - G (mu iv), on the shifted operands
     if need_dx:
         np.multiply(xc, g @ iv, out=dx)                           # isotropic: (N, 1) broadcast
-        dx -= g @ classes.mciv
+        dx -= g @ mciv
 
     # 3. parameter gradients from sum_i G_ik x_ij (and sum_i G_ik x_ij^2 for the log-variance)
     if need_dmu or need_ds:
         g_col = g.sum(axis=0)                                     # (K,)
-        gx = np.matmul(g.T, xc, out=_scratch("kd_gx", mc.shape, dtype))
-        neg_resid = np.multiply(mc, g_col[:, None], out=_scratch("kd_resid", mc.shape, dtype))
+        gx = np.matmul(g.T, xc, out=_scratch("kd_gx", mc.shape, work))
+        neg_resid = np.multiply(mc, g_col[:, None], out=_scratch("kd_resid", mc.shape, work))
         neg_resid -= gx                                           # -sum_i G_ik (xc_i - mc_k)
         if need_dmu:
             np.multiply(neg_resid, iv, out=dmu)
@@ -379,7 +400,7 @@ def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, trainin
             q = -0.5 * wiv * diff * diff
             _add_segments(ds, c, q.sum(axis=1, keepdims=True) if opts.isotropic else q)
     if need_ds:
-        ds.reshape(-1)[classes.blocked()] *= 0          # NaN stays NaN, as in 0 * NaN
+        ds.reshape(-1)[classes.blocked()] = 0          # no gradient passes, not even a NaN
     return dx, dmu, ds
 
 

@@ -15,9 +15,10 @@ __all__ = ["autograd_forward", "autograd_grads", "numpy_forward", "numpy_grads"]
 def _clamped(F, s, opts):
     # clip() with the gradient passing on the closed interval [min, max] and nowhere else,
     # written out so the reference does not depend on how a framework treats the boundary.
+    # (where, not a blend by multiplication: 0 * inf would turn a clamped infinity into NaN)
     lo, hi = opts.logvar_min, opts.logvar_max
     inside = F.stop_gradient(F.broadcast_logical_and(s >= lo, s <= hi))
-    return s * inside + F.clip(F.stop_gradient(s), lo, hi) * (1 - inside)
+    return F.where(inside, s, F.clip(F.stop_gradient(s), lo, hi))
 
 
 def autograd_forward(x, label, mu, log_var, opts, training):
@@ -44,8 +45,8 @@ def autograd_forward(x, label, mu, log_var, opts, training):
     onehot = F.one_hot(label, k, dtype=x.dtype)
     margin = 1 + alpha * onehot
     logits = -margin * d - half_ld * float(opts.logdet_logits)
-    lkd = F.sum(d * onehot, axis=1) + F.sum(F.broadcast_mul(half_ld, onehot), axis=1) * float(
-        opts.logdet_lkd)
+    # picked, not summed against the one-hot: 0 * inf would spread another class's inf as NaN
+    lkd = F.pick(d, label, axis=1) + F.take(half_ld[0], label) * float(opts.logdet_lkd)
     return logits, lkd
 
 

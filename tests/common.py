@@ -109,3 +109,56 @@ def assert_float32_rule(actual32, expected64, reference32, what, seed, slack=2.0
         raise AssertionError(f"{what}: float32 rule broken at {bad}: got {a[bad]!r}, float64 "
                              f"answer {e[bad]!r}, float32 reference {r[bad]!r} "
                              f"(our err {ours[bad]:.3g} > allowed {allowed[bad]:.3g}; seed {seed})")
+
+
+# SPEC section 5's input families: where training and hostile inputs put the features.
+FAMILIES = ["normal", "near_mean", "offset_1e3", "offset_1e5", "classes_apart_2d", "clamp_bounds"]
+# A single non-finite (or overflowing) entry in one feature row, one mean or one log-variance.
+NONFINITE = [("x", np.nan), ("x", np.inf), ("mu", np.inf), ("mu", -np.inf), ("mu", np.nan),
+             ("mu", "huge"), ("s", np.nan), ("s", np.inf)]
+
+
+def family_inputs(family, rng, n, k, d, isotropic=False):
+    """make_inputs' arrays (float64) drawn from one input family of SPEC section 5.
+
+    normal: independent standard normals. near_mean: every feature within 1e-4 of its own class
+    mean. offset_1e3 / offset_1e5: features and means offset together from the origin.
+    classes_apart_2d: D = 2 (d is ignored), class means 1e2 to 1e4 apart, samples within 1e-2 of
+    their own mean. clamp_bounds: log-variances exactly at and beyond both clamp bounds.
+    """
+    if family == "classes_apart_2d":
+        d = 2
+    inp = make_inputs(rng, n, k, d, isotropic=isotropic)
+    y = inp["y"].astype(np.int64)
+    if family == "near_mean":
+        inp["x"] = inp["mu"][y] + 1e-4 * rng.uniform(-1, 1, (n, d))
+    elif family.startswith("offset_"):
+        offset = float(family.split("_")[1])
+        inp["x"] += offset
+        inp["mu"] += offset
+    elif family == "classes_apart_2d":
+        # means on a spiral: neighbours 1e2 apart, the far ends 1e4 apart
+        radius = np.geomspace(1e2, 1e4, k)
+        angle = np.arange(k) * 2.4
+        inp["mu"] = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
+        inp["x"] = inp["mu"][y] + 1e-2 * rng.standard_normal((n, 2))
+    elif family == "clamp_bounds":
+        s = inp["s"].reshape(-1)
+        s[0::4] = -6.0
+        s[1::4] = 6.0
+        s[2::4] = rng.uniform(-12, -6, s[2::4].shape)
+        s[3::4] = rng.uniform(6, 12, s[3::4].shape)
+    elif family != "normal":
+        raise ValueError(f"unknown input family {family!r}")
+    return inp
+
+
+def put_nonfinite(inp, where, value, dtype):
+    """Copy of inp with one non-finite entry: in feature row 1 ("x"), class 1's mean ("mu") or
+    log-variance ("s"). "huge" is a finite mean whose square overflows in ``dtype``.
+    Returns (inputs, row, column): the row or column of the outputs it may reach (None for the other)."""
+    out = {key: v.copy() for key, v in inp.items()}
+    if value == "huge":
+        value = 1e160 if np.dtype(dtype) == np.float64 else 1e30
+    out[where].reshape(out[where].shape[0], -1)[1, -1] = value
+    return out, (1 if where == "x" else None), (None if where == "x" else 1)
