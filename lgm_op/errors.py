@@ -18,8 +18,10 @@ How a message is tied to its call:
   that kind (forward or backward) raised in the thread that created the operator (the calling
   thread for ``mx.nd.Custom`` and Gluon, the binding thread for executors), oldest first.
 - Every message is appended at most once; an error of another kind, another thread's error, and
-  an error that does not name a custom-operator callback are returned unchanged. Messages of a
-  thread that has ended are dropped with the thread, and at most a few per thread and kind wait.
+  an error that does not name a custom-operator callback are returned unchanged.
+- Stale messages expire: ``mx.nd.waitall()`` raises the first failure still pending and clears
+  every other one in MXNet's engine, so when it raises, every waiting message goes; messages of a
+  thread that has ended go with the thread; at most a few per thread and kind wait.
 
 What remains MXNet's own behaviour (``src/operator/custom/custom-inl.h``, ``CustomOperator``):
 one exception slot, ``exception_``, for every custom operator in the process. A failing callback
@@ -34,6 +36,7 @@ told apart from it.
 """
 import collections
 import contextlib
+import sys
 import threading
 import weakref
 
@@ -86,14 +89,28 @@ def recording(stage, thread=None):
         raise
 
 
-def _take(text):
-    """The message waiting for an error with this text in the current thread, or None."""
+def _raised_by_waitall(frame):
+    """Whether the failing C API call is ``mx.nd.waitall()`` (looked up from ``frame`` out)."""
+    for _ in range(4):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "waitall" and frame.f_globals.get("__name__", "").startswith(
+                "mxnet."):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _take(text, all_cleared):
+    """The message waiting for an error with this text in the current thread, or None.
+    all_cleared: MXNet has just cleared every pending failure, so no other message can be due."""
     stage = next((s for s, marker in STAGE_MARKERS.items() if marker in text), None)
-    if stage is None:
-        return None
     with _lock:
         waiting = _pending.get(threading.current_thread(), {}).get(stage)
-        return waiting.popleft() if waiting else None
+        message = waiting.popleft() if stage is not None and waiting else None
+        if all_cleared:
+            _pending.clear()
+    return message
 
 
 def _install():
@@ -104,7 +121,7 @@ def _install():
     def get_last_ffi_error():
         err = original()
         text = str(err)
-        message = _take(text)
+        message = _take(text, _raised_by_waitall(sys._getframe(1)))
         if message is None:
             return err
         try:

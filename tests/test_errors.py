@@ -233,6 +233,15 @@ def stock_error_after_lgm_failures():
     except mx.MXNetError as err:
         seen["other_thread_failure_here"] = str(err)
     seen["after_other_thread_failure"] = stock_error()
+    # two failures never read: waitall raises one and MXNet clears the other, so its message goes
+    unread = [mx.nd.Custom(x, mx.nd.array([0, 1, 9 + i]), mu, s, op_type="lgm", num_classes=4)
+              for i in range(2)]
+    try:
+        mx.nd.waitall()
+    except mx.MXNetError as err:
+        seen["waitall"] = str(err)
+    seen["after_waitall"] = stock_error()
+    del unread
     seen["next_valid"] = mx.nd.Custom(x, mx.nd.array([0, 1, 3]), mu, s, op_type="lgm",
                                       num_classes=4)[1].asnumpy().tolist()
     return seen
@@ -244,7 +253,7 @@ def test_errors_of_other_custom_operators_are_left_unchanged():
     assert "Check failed" in baseline and "lgm" not in baseline
     seen = _run_child("stock_error_after_lgm_failures()")
     for key in ("alone", "after_read_failure", "after_attribute_failure",
-                "after_other_thread_failure"):
+                "after_other_thread_failure", "after_waitall"):
         assert seen[key] == baseline, (key, seen[key])
     assert seen["lgm_forward"].count("lgm forward: ValueError: lgm: label must hold integers in "
                                      "[0, 4), got 7.0 at index 2") == 1
@@ -253,6 +262,8 @@ def test_errors_of_other_custom_operators_are_left_unchanged():
     # the other thread's failure, raised here: MXNet's generic error, without its message
     assert "CustomOpFBFunc" in seen["other_thread_failure_here"]
     assert "lgm" not in seen["other_thread_failure_here"]
+    assert len(re.findall(r"lgm forward: ValueError: lgm: label must hold integers in \[0, 4\), "
+                          r"got (9|10)\.0 at index 2", seen["waitall"])) == 1, seen["waitall"]
     want = numpy_forward(np.ones((3, 2)), np.array([0, 1, 3.0]), np.zeros((4, 2)),
                          np.zeros((4, 2)), LGMOptions(num_classes=4), False)[1]
     np.testing.assert_allclose(seen["next_valid"], want, rtol=1e-6)
