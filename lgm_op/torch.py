@@ -11,8 +11,8 @@ the framework-free code the MXNet operator runs:
 - CPU tensors: ``lgm_op.cpu`` (NumPy/BLAS) on zero-copy NumPy views of the tensors, writing into
   output tensors allocated by PyTorch;
 - CUDA tensors: ``lgm_op.cuda`` (the kernels of ``kernels/``, through CuPy) on zero-copy DLPack
-  views, on the tensor's device and on PyTorch's current stream. Nothing is synchronised here; the
-  launchers read 4 bytes back once per call to report a bad label.
+  views, on the tensor's device and on PyTorch's current stream. Nothing is synchronised here
+  but the forward's 4-byte read-back of the label check, so a bad label raises at the call.
 
 Gradients are computed only for the inputs that need them. Bad input raises ``ValueError`` (or
 ``TypeError`` for an argument that is not a tensor) at the call, with the messages of SPEC

@@ -273,6 +273,32 @@ def test_non_contiguous_inputs_and_upstream(device, rng, seed):
         assert_close(a.detach().cpu().numpy(), e, RTOL64, name, seed)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cuda_launchers_on_the_simulator(monkeypatch, dtype, rng, seed):
+    """The binding's calls of the CUDA launchers (outputs written in place, only the needed
+    gradients), with CPU tensors routed to them: the kernels run on the CPU simulator."""
+    from lgm_op.cuda import lgm_backward_cuda, lgm_forward_cuda
+    monkeypatch.setattr(lgm_torch, "_FORWARD", (lgm_forward_cuda, lgm_forward_cuda))
+    monkeypatch.setattr(lgm_torch, "_BACKWARD", (lgm_backward_cuda, lgm_backward_cuda))
+    inp = make_inputs(rng, 33, 13, 7)
+    opts = LGMOptions(num_classes=13, alpha=0.2)
+    for label in (True, False):
+        check_results(run_torch(_cast(inp, dtype), opts, "cpu", True, label), inp, opts, seed,
+                      True, label)
+    t = _tensors(_cast(inp, dtype), "cpu", requires_grad=False)
+    t["s"].requires_grad_(True)
+    logits, lkd = lgm_torch.lgm(t["x"], t["y"], t["mu"], t["s"], 13, True, alpha=0.2)
+    torch.autograd.backward([logits, lkd], [t["gz"], t["gl"]])
+    expected = _reference(inp, opts, True, True, np.float64)[4]
+    if dtype == "float64":
+        assert_close(t["s"].grad.numpy(), expected, RTOL64, "dlog_var", seed)
+    else:
+        reference32 = _reference(_cast(inp, np.float32), opts, True, True, np.float32)[4]
+        exact = _reference(_cast(_cast(inp, np.float32), np.float64), opts, True, True,
+                           np.float64)[4]
+        assert_float32_rule(t["s"].grad.numpy(), exact, reference32, "dlog_var", seed)
+
+
 @pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA GPU, PyTorch with CUDA and CuPy")
 def test_cuda_side_stream(rng, seed):
     """On a side stream, the op's kernels are ordered after that stream's earlier work."""
