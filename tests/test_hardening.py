@@ -337,6 +337,15 @@ def test_label_and_label_free_form_must_agree(inputs):
     np.testing.assert_allclose(got, want[0], rtol=1e-5)
 
 
+def test_raw_label_free_node_given_a_label(inputs):
+    """The raw node's argument count is checked by MXNet before any lgm callback runs: its own
+    message, which names the count."""
+    inp, args = inputs
+    with pytest.raises(MXNetError, match=r"Operator Custom expects 3 inputs, but got 4 instead"):
+        call_lgm(args, with_label=False)
+    assert_still_works(inp, args)
+
+
 def test_next_valid_block_after_bad_arguments_is_right(inputs):
     inp, _ = inputs
     for bad in (dict(lambda_=math.inf), dict(in_units=2.5), dict(margin_polcy="warmup")):
