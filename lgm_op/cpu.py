@@ -72,17 +72,18 @@ def clamp_log_var(log_var, opts, dtype=np.float64):
 
 
 def _centroid(mu):
-    """(D,) median of the finite class means (of an even sample of them), zeros if none."""
+    """(D,) a centroid of the class means: the mean of an even sample of them, leaving out means
+    that are not finite or lie far beyond the typical one (so an Inf, NaN or 1e160 cannot move
+    it); zeros if nothing is left. Any shift is exact; a central one keeps the terms small."""
     k = mu.shape[0]
     sample = mu if k <= _CENTROID_ROWS else mu[np.linspace(0, k - 1, _CENTROID_ROWS).astype(
         np.int64)]
-    finite = np.isfinite(sample).all(axis=1)
-    if not finite.all() and k > _CENTROID_ROWS:  # non-finite means among the sample: use them all
-        sample = mu
-        finite = np.isfinite(sample).all(axis=1)
+    size = np.abs(sample).max(axis=1)                      # NaN for a row holding one
+    finite = np.isfinite(size)
     if not finite.any():
         return np.zeros(mu.shape[1], mu.dtype)
-    return np.median(sample[finite], axis=0).astype(mu.dtype)
+    keep = finite & (size <= 16 * np.median(size[finite]))
+    return sample[keep].mean(axis=0, dtype=np.float64).astype(mu.dtype)
 
 
 class _Classes:
@@ -106,8 +107,12 @@ class _Classes:
         self.mc = mu - self.shift
         self.mciv = self.mc * self.iv
         self.sq = np.einsum("kj,kj->k", self.mc, self.mciv)
+        self._iv64 = None
+        # float64 inputs: the inverse variances before bad classes are zeroed, for direct entries
+        self._iv_exact = self.iv
         self.bad = np.flatnonzero(~np.isfinite(self.sq))
         if self.bad.size:
+            self._iv_exact = self.iv.copy()
             for a in (self.iv, self.mc, self.mciv, self.sq):
                 a[self.bad] = 0
 
@@ -141,9 +146,20 @@ class _Classes:
         return out
 
     def iv64(self, cols):
-        """(M, D) or (M, 1) float64 inverse variances of the classes ``cols``."""
-        c = clamp_log_var(np.asarray(self.log_var)[cols], self.opts, np.float64)
-        return np.exp(-c)
+        """(M, D) or (M, 1) float64 inverse variances of the classes ``cols`` (exp in float64
+        of the clamped log-variances, as the float64 answer has them)."""
+        if self.iv.dtype == np.float64:
+            return self._iv_exact[cols]
+        if cols.size >= self.mu.shape[0]:  # every class at once is cheaper than one per entry
+            return self.iv_all64()[cols]
+        c = clamp_log_var(self.log_var[cols], self.opts, np.float64)
+        return np.exp(np.negative(c, out=c), out=c)
+
+    def iv_all64(self):
+        if self._iv64 is None:
+            c = clamp_log_var(self.log_var, self.opts, np.float64)
+            self._iv64 = np.exp(np.negative(c, out=c), out=c)
+        return self._iv64
 
 
 def _shifted_features(x, classes):
@@ -293,17 +309,20 @@ def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None)
     return logits, lkd
 
 
-def _add_segments(acc, index, values):
-    """acc[index[m]] += values[m] for every m, duplicates summed (sort and reduceat)."""
+def _add_segments(index, *pairs):
+    """acc[index[m]] += values[m] for every m and every (acc, values) pair, duplicates summed
+    (one sort and reduceat for all pairs)."""
     if index.size == 0:
         return
     if index.size == 1 or (index[1:] > index[:-1]).all():    # distinct and sorted: no sums
-        acc[index] += values
+        for acc, values in pairs:
+            acc[index] += values
         return
     order = np.argsort(index, kind="stable")
     idx = index[order]
     starts = np.flatnonzero(np.concatenate([[True], idx[1:] != idx[:-1]]))
-    acc[idx[starts]] += np.add.reduceat(values[order], starts, axis=0)
+    for acc, values in pairs:
+        acc[idx[starts]] += np.add.reduceat(values[order], starts, axis=0)
 
 
 @_quiet
@@ -390,15 +409,16 @@ def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, trainin
         r, c, gd = rows[lo:lo + step], cols[lo:lo + step], g_direct[lo:lo + step, None]
         diff = x[r].astype(np.float64) - classes.mu[c].astype(np.float64)
         wiv = gd * classes.iv64(c)
-        if need_dx or need_dmu:
-            w = wiv * diff
-            if need_dx:
-                _add_segments(dx, r, w)
-            if need_dmu:
-                _add_segments(dmu, c, -w)
+        w = wiv * diff
+        if need_dx:
+            _add_segments(r, (dx, w))
+        by_class = []
+        if need_dmu:
+            by_class.append((dmu, -w))
         if need_ds:
-            q = -0.5 * wiv * diff * diff
-            _add_segments(ds, c, q.sum(axis=1, keepdims=True) if opts.isotropic else q)
+            q = -0.5 * w * diff
+            by_class.append((ds, q.sum(axis=1, keepdims=True) if opts.isotropic else q))
+        _add_segments(c, *by_class)
     if need_ds:
         ds.reshape(-1)[classes.blocked()] = 0          # no gradient passes, not even a NaN
     return dx, dmu, ds
