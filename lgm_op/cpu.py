@@ -38,7 +38,7 @@ __all__ = ["lgm_forward_cpu", "lgm_backward_cpu", "CPUState", "clamp_log_var"]
 # direct form is itself a few ulps of d); float64 has room to spare against SPEC's 1e-9.
 _TAU = {np.dtype(np.float32): 2.0, np.dtype(np.float64): 1e3}
 # Classes sampled for the centroid: a median over this many means is as good a shift as any.
-_CENTROID_ROWS = 255
+_CENTROID_ROWS = 63
 # Entries computed directly per chunk (times D float64 values in flight).
 _DIRECT_CHUNK = 1 << 21
 # Below this many features, float32 backward products run in float64. Their sums over samples
