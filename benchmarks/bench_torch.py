@@ -38,8 +38,8 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.bench_cpu import (NAMES, failure_status, ratio_stats, reference_results,  # noqa: E402
-                                  run_rounds, thread_record)
+from benchmarks.bench_cpu import (  # noqa: E402
+    NAMES, failure_status, ratio_stats, reference_results, run_rounds, thread_record)
 from benchmarks.bench_gpu import make_torch_loss  # noqa: E402
 
 OP = "op"

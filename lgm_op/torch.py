@@ -32,7 +32,7 @@ from .checks import check_float_dtype, check_shapes
 from .cpu import lgm_backward_cpu, lgm_forward_cpu
 from .cuda import lgm_backward_cuda, lgm_forward_cuda
 from .options import parse_options
-from .schedule import SCHEDULE_DEFAULTS, parse_schedule
+from .schedule import SCHEDULE_DEFAULTS, check_iteration, parse_schedule
 
 __all__ = ["lgm", "LGMLoss"]
 
@@ -244,19 +244,11 @@ def lgm(data, label, mean, log_var, num_classes, training=True, **options):
     return lgm_forward(data, label, mean, log_var, *_flat(opts), training)
 
 
-def _check_counter(value):
-    """The schedule counter of a checkpoint: a finite integer >= 0 (else the file is damaged)."""
-    number = float(value)
-    if not (math.isfinite(number) and number.is_integer() and number >= 0):
-        raise ValueError(f"LGMLoss: margin_iter must be a finite integer >= 0, got {number!r}")
-    return int(number)
-
-
 def _load_counter(module, state_dict, prefix, *args):
     """Keep the module's step count in step with a loaded ``margin_iter``, after checking it."""
     key = prefix + "margin_iter"
     if key in state_dict:
-        module._iteration = _check_counter(state_dict[key])
+        module._iteration = check_iteration(state_dict[key])
 
 
 class LGMLoss(nn.Module):
