@@ -19,7 +19,8 @@ Framework-free. The array type picks where the kernels run:
 
 - CuPy arrays: on their GPU, through ``cupy.RawModule`` (NVRTC), on the current stream. Nothing is
   synchronised here (except the label read-back of a forward without ``defer_check``).
-- NumPy arrays: on the CPU simulator ``lgm_op.cudasim``, which runs the unmodified kernel sources.
+- NumPy arrays: on the CPU simulator ``lgm_op.cudasim``, which runs the unmodified kernel sources
+  (built with AddressSanitizer when the process runs with its runtime, ``cudasim.asan_env()``).
 
 Kernels are templates, one per kernel, instantiated by name expression per dtype (``T`` float or
 double; label dtype ``L`` float, double, int or long long). Launches per call (64 x 64 output
@@ -177,7 +178,9 @@ class _Backend:
             names = _names_in(file_name)
             if self.device_id is None:
                 from . import cudasim
-                module = cudasim.RawModule(code=source, name_expressions=names)
+                # under the AddressSanitizer runtime every access of a kernel is checked
+                module = cudasim.RawModule(code=source, name_expressions=names,
+                                           sanitize=cudasim.asan_loaded())
             else:
                 ensure_nvrtc()
                 module = self.xp.RawModule(code=source, options=NVRTC_OPTIONS,

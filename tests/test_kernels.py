@@ -6,7 +6,11 @@ Every test body runs on two backends: ``sim`` (NumPy arrays on the CPU simulator
 judged by the float32 rule against the float64 answer for the same float32-rounded inputs, with
 the reference's broadcasting formula evaluated in float32 as the yardstick.
 """
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +23,7 @@ from lgm_op.options import LGMOptions
 from lgm_op.reference import numpy_forward, numpy_grads
 
 NAMES = ("logits", "lkd", "dx", "dmean", "dlog_var")
+ROOT = Path(__file__).resolve().parent.parent
 
 # Sizes on both sides of the 64-wide tiles and the 16-long steps, with several blocks per grid
 # in each direction; (N, K, D).
@@ -339,3 +344,77 @@ def test_non_finite_entry_stays_in_its_row_or_column(backend, where, value, rng)
         assert np.isfinite(dmu[others]).all() and np.isfinite(ds[others]).all()
         labelled = inp["y"].astype(int) != cls
         assert np.isfinite(lkd[labelled]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# AddressSanitizer: the simulator tests above, with every kernel access checked; and kernels with
+# a bounds guard removed, which it must catch.
+
+def _asan_run(args, timeout):
+    from lgm_op import cudasim
+    try:
+        env = {**os.environ, **cudasim.asan_env()}
+    except RuntimeError as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(str(exc))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(900)
+def test_simulator_tests_pass_under_address_sanitizer():
+    from lgm_op import cudasim
+    if cudasim.asan_loaded():
+        pytest.skip("this process already runs under AddressSanitizer")
+    proc = _asan_run(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                      "-k", "sim and not address_sanitizer and not guard_removed"],
+                     timeout=840)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and "AddressSanitizer" not in proc.stderr, tail
+
+
+# (file, guard as written, the same without the bound): the logits store past row N, the x tile
+# load past row N, the dx store past column D.
+GUARDS = [
+    ("lgm_forward.cu", "        if (i >= n) continue;\n        int y = -1;", "        int y = -1;"),
+    ("lgm_forward.cu", "(in && row0 + r < n) ? x_src[e * pass + j0]", "in ? x_src[e * pass + j0]"),
+    ("lgm_backward.cu", "            if (j < dim) out[(long long)i * dim + j] = acc[r][c];",
+     "            out[(long long)i * dim + j] = acc[r][c];"),
+]
+
+_FAULTY_RUN = r"""
+import sys
+import numpy as np
+sys.path.insert(0, "tests")
+from common import make_inputs
+from lgm_op import cuda
+from lgm_op.kernel_source import load_source, source_hash
+from lgm_op.options import LGMOptions
+file_name, guard, unguarded = sys.argv[1:4]
+text = load_source(file_name)
+assert text.count(guard) == 1, "the guard is not in the source"
+faulty = text.replace(guard, unguarded)
+real_source = cuda._source
+cuda._source = lambda name: (faulty, source_hash(faulty)) if name == file_name else real_source(name)
+n, k, d = 70, 66, 37  # none a multiple of the 64-wide tiles
+inp = make_inputs(np.random.default_rng(0), n, k, d)
+opts = LGMOptions(num_classes=k)
+cuda.lgm_forward_cuda(inp["x"], inp["y"], inp["mu"], inp["s"], opts, True)
+cuda.lgm_backward_cuda(inp["x"], inp["y"], inp["mu"], inp["s"], inp["gz"], inp["gl"], opts, True)
+print("no fault found")
+"""
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("file_name, guard, unguarded", GUARDS, ids=["forward_store",
+                                                                     "forward_load", "dx_store"])
+def test_kernel_with_a_bounds_guard_removed_fails(file_name, guard, unguarded):
+    proc = _asan_run(["-c", _FAULTY_RUN, file_name, guard, unguarded], timeout=540)
+    assert proc.returncode != 0 and "no fault found" not in proc.stdout, proc.stdout[-2000:]
+    # a heap overflow, or a use after free where the stray access lands in freed memory, reported
+    # inside the kernel that lost its guard
+    kernel = "lgm::forward" if file_name == "lgm_forward.cu" else "lgm::backward_dx"
+    assert "ERROR: AddressSanitizer:" in proc.stderr and kernel in proc.stderr, (
+        proc.stderr[-3000:])
