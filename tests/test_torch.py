@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import lgm_op.torch as lgm_torch
-from common import (RTOL64, SHAPES, SMALL_SHAPES, assert_close, assert_float32_rule, make_inputs,
-                    option_sets)
+from common import (FAMILIES, NONFINITE, RTOL64, SHAPES, SMALL_SHAPES, assert_close,
+                    assert_float32_rule, family_inputs, make_inputs, option_sets, put_nonfinite)
 from lgm_op.options import LGMOptions
 from lgm_op.reference import numpy_forward, numpy_grads
 
@@ -114,6 +114,32 @@ def test_label_free_form_and_eval(dtype, training, device, rng, seed):
     for label in (True, False):
         check_results(run_torch(_cast(inp, dtype), opts, device, training, label), inp, opts,
                       seed, training, label)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_input_families(family, dtype, device, rng, seed):
+    """SPEC 5's input families (features near their means, far from the origin, classes far
+    apart, log-variances at the clamp bounds) through the binding."""
+    opts = LGMOptions(num_classes=11, alpha=0.3)
+    inp = family_inputs(family, rng, 37, 11, 19)
+    for label in (True, False):
+        check_results(run_torch(_cast(inp, dtype), opts, device, True, label), inp, opts, seed,
+                      True, label)
+
+
+@pytest.mark.parametrize("where,value", NONFINITE)
+def test_nonfinite_stays_in_its_row_or_column(where, value, device, rng):
+    inp, row, col = put_nonfinite(make_inputs(rng, 9, 5, 4), where, value, np.float64)
+    logits = run_torch(inp, LGMOptions(num_classes=5, alpha=0.2), device)[0]
+    others = np.ones(logits.shape, bool)
+    if row is not None:
+        others[row] = False
+    if col is not None:
+        others[:, col] = False
+    assert np.isfinite(logits[others]).all(), f"{where}={value}: reached other logits"
+    if not (where == "s" and value == np.inf):  # an infinite log-variance is clamped: finite
+        assert not np.isfinite(logits[~others]).all(), f"{where}={value}: not propagated"
 
 
 @pytest.mark.parametrize("shape", SMALL_SHAPES)
