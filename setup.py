@@ -5,6 +5,9 @@ CUDA_RUNTIME = ["cupy-cuda12x==13.6.0", "nvidia-cuda-nvrtc-cu12>=12.0,<13"]
 DEMO = ["mlxtend>=0.23", "scikit-learn>=1.0", "matplotlib>=3.7", "tqdm>=4.60"]
 # cuobjdump for benchmarks/sass_report.py, which the tests run (no GPU needed)
 SASS_TOOLS = ["nvidia-cuda-cuobjdump>=13.0,<14"]
+# lgm_op.torch: PyTorch's CPU build, pinned to its file (the plain version on PyPI is the CUDA
+# build of several GB; on a GPU machine install the matching CUDA build of torch instead)
+TORCH = ["torch==2.13.0+cpu"]
 
 setup(
     name="lgm-op",
@@ -26,6 +29,7 @@ setup(
     extras_require={
         "gpu": CUDA_RUNTIME,
         "demo": DEMO,
-        "test": ["pytest>=7", "pytest-timeout>=2.1"] + DEMO + CUDA_RUNTIME + SASS_TOOLS,
+        "torch": TORCH,
+        "test": ["pytest>=7", "pytest-timeout>=2.1"] + DEMO + CUDA_RUNTIME + SASS_TOOLS + TORCH,
     },
 )
