@@ -26,9 +26,13 @@ machine, the versions and the git sha.
     python benchmarks/bench_torch.py                    # the issue's sizes -> benchmarks/out/
     python benchmarks/bench_torch.py --sizes 64x10x8 --repeats 3 --out /tmp/bench
     python benchmarks/bench_torch.py --device cuda      # on a GPU (synchronised after each step)
+    python benchmarks/bench_torch.py --table-from benchmarks/results/torch_cpu.json   # README table
+
+Each run writes torch_<device>.json (everything), .csv and .md (the README table, from the JSON).
 """
 import argparse
 import gc
+import json
 import os
 import sys
 import time
@@ -247,13 +251,44 @@ def _cell(entry):
     return f"{text} [{ratio['median']:.2f}x]" if ratio else text
 
 
+def _rows(record):
+    providers = record["settings"]["providers"]
+    headers = ["N x K x D"] + [PROVIDERS[p][0] for p in providers]
+    return headers, [[_size_text(r["label"])] + [_cell(r["providers"].get(p)) for p in providers]
+                     for r in record["results"]]
+
+
+def _size_text(label):
+    return label.replace("x", " x ")
+
+
 def table(record):
     """Side by side: one row per size, one column per provider; median (min-max) ms of a
     forward+backward, and in brackets the median per-round ratio provider / op."""
-    headers = ["N x K x D"] + [PROVIDERS[p][0] for p in record["settings"]["providers"]]
-    rows = [[r["label"]] + [_cell(r["providers"].get(p)) for p in record["settings"]["providers"]]
-            for r in record["results"]]
-    return common.format_table(headers, rows)
+    return common.format_table(*_rows(record))
+
+
+def markdown(record, source):
+    """The README block for a recorded run: machine and versions, the table, the targets."""
+    cpu, v = record["hardware"]["cpu"], record["versions"]
+    where = record["hardware"].get("gpu") or (f"{cpu['model']} ({cpu['logical_cores']} cores)")
+    settings = record["settings"]
+    headers, rows = _rows(record)
+    lines = [f"`benchmarks/bench_torch.py` on {where}, PyTorch {v['torch']} on "
+             f"{settings['torch_threads']} threads, NumPy {v['numpy']}, Python {v['python']}; "
+             f"git {str(record['git']['sha'])[:10]}; `{source}`.", "",
+             f"float32, training mode, forward+backward; median (min-max) ms over up to "
+             f"{settings['repeats']} interleaved rounds, in brackets the median per-round ratio "
+             "provider time / op time (> 1: the op is ahead).", "",
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [""] + [f"- {_target_text(t)}" for t in record.get("targets", [])]
+    return "\n".join(lines)
+
+
+def _target_text(target):
+    value = "-" if target["value"] is None else f"{target['value']:.2f}x ({target['fastest']})"
+    return f"{target['what']} at {target['size']}: {value}, target >= {target['threshold']}"
 
 
 def csv_rows(record):
@@ -290,6 +325,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"),
                         help="folder for torch_<device>.json and .csv (default benchmarks/out, "
                              "git-ignored)")
+    parser.add_argument("--table-from", metavar="JSON",
+                        help="run nothing: write the README table of a recorded torch_*.json "
+                             "beside it (.md)")
     args = parser.parse_args(argv)
     try:
         args.sizes = common.parse_sizes(args.sizes)
@@ -302,6 +340,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.table_from:
+        print(f"wrote {_write_markdown(args.table_from)}")
+        return 0
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: PyTorch sees no CUDA device", file=sys.stderr)
@@ -334,11 +375,25 @@ def main(argv=None):
     print()
     print(table(record))
     for target in record["targets"]:
-        value = "-" if target["value"] is None else f"{target['value']:.2f}x ({target['fastest']})"
-        print(f"{target['what']} at {target['size']}: {value}, target >= 1.0")
-    print(f"wrote {common.write_json(out / f'{stem}.json', record)}")
+        print(_target_text(target))
+    json_path = common.write_json(out / f"{stem}.json", record)
+    print(f"wrote {json_path}")
     print(f"wrote {common.write_csv(out / f'{stem}.csv', csv_rows(record))}")
+    print(f"wrote {_write_markdown(json_path)}")
     return 0
+
+
+def _write_markdown(json_path):
+    """<stem>.md beside the JSON: the README block, written from the JSON alone."""
+    json_path = Path(json_path)
+    record = json.loads(json_path.read_text(encoding="utf-8"))
+    try:
+        source = json_path.resolve().relative_to(common.REPO_ROOT)
+    except ValueError:
+        source = json_path
+    path = json_path.with_suffix(".md")
+    path.write_text(markdown(record, source) + "\n", encoding="utf-8")
+    return path
 
 
 if __name__ == "__main__":

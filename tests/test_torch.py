@@ -619,3 +619,5 @@ def test_benchmark_script_runs(tmp_path):
     assert "sha" in record["git"] and record["versions"]["torch"] == torch.__version__
     assert (tmp_path / "torch_cpu.csv").read_text().startswith("size,provider,status")
     assert "GEMM expansion (addmm), autograd" in proc.stdout
+    table = (tmp_path / "torch_cpu.md").read_text()
+    assert "| 9 x 4 x 3 | " in table and "[" in table.splitlines()[-2 - len(record["targets"])]
