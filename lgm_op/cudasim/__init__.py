@@ -12,26 +12,27 @@ model and the faults that are detected (raised as :class:`SimError`). Arguments 
 the parameter types of the compiled kernel: arrays (C-contiguous NumPy arrays of the matching dtype)
 for pointers, NumPy scalars of the exact type for values.
 
-Compiled modules are cached in ``$XDG_CACHE_HOME/lgm_op/cudasim`` (or ``~/.cache/lgm_op/cudasim``).
-Nothing here imports MXNet or CuPy.
+Compiled modules are cached in ``$XDG_CACHE_HOME/lgm_op/cudasim`` (or ``~/.cache/lgm_op/cudasim``)
+by :mod:`lgm_op.compile_cache`, which checks every folder on that path and verifies each module
+before it is loaded. Nothing here imports MXNet or CuPy.
 """
 import ctypes
-import hashlib
 import json
 import os
 import platform
 import re
 import subprocess
-import tempfile
 import threading
 from collections import namedtuple
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RawModule", "RawKernel", "SimError", "CompileError", "asan_env", "asan_loaded",
-           "cache_dir", "compile_count", "kernel_names"]
+from .. import compile_cache
+from ..compile_cache import CompileError
+
+__all__ = ["RawModule", "RawKernel", "SimError", "CompileError", "asan_env", "cache_dir",
+           "compile_count", "kernel_names"]
 
 CXX = "g++"
 HEADER = Path(__file__).with_name("cudasim.h")
@@ -78,17 +79,9 @@ class SimError(RuntimeError):
     """A fault detected while simulating a launch (divergent barrier, deadlock, bad configuration)."""
 
 
-class CompileError(RuntimeError):
-    """g++ rejected the kernel source; the message carries the compiler output."""
-
-
-_count_lock = threading.Lock()
-_compiles = 0
-
-
 def compile_count():
     """How many modules this process has compiled (cache hits do not count)."""
-    return _compiles
+    return compile_cache.compile_count("cudasim")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,37 +105,14 @@ def _run_cxx(*args):
         raise CompileError(f"cudasim: the C++ compiler {CXX!r} was not found") from None
 
 
-@lru_cache(maxsize=None)
-def _compiler_id():
-    version = _run_cxx("--version").stdout.splitlines()
-    machine = _run_cxx("-dumpmachine").stdout.strip()
-    return (version[0] if version else "unknown") + " " + machine
-
-
 def cache_dir():
-    """The per-user directory of compiled modules, created with mode 0700.
+    """The per-user folder of compiled modules, ``.../lgm_op/cudasim``, created with mode 0700.
 
-    Refuses a directory that belongs to another user or that others may write to.
+    Every folder on the path is checked; raises :class:`lgm_op.compile_cache.CacheError` (a
+    RuntimeError) when one belongs to another user or others may write to it, or when the location
+    cannot be used.
     """
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    path = Path(base)
-    for part in ("lgm_op", "cudasim"):
-        path = path / part
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-    st = os.stat(path)
-    if not os.path.isdir(path):
-        raise RuntimeError(f"cudasim: cache path {path} is not a directory")
-    if st.st_uid != os.getuid():
-        raise RuntimeError(f"cudasim: refusing cache directory {path}: it is owned by uid {st.st_uid}, "
-                           f"not by the current user (uid {os.getuid()})")
-    if st.st_mode & 0o022:
-        raise RuntimeError(f"cudasim: refusing cache directory {path}: it is writable by other users "
-                           f"(mode {st.st_mode & 0o777:o}); run chmod 700 on it")
-    return path
+    return compile_cache.cache_dir("cudasim")
 
 
 def _libasan():
@@ -167,9 +137,7 @@ def asan_env():
     return {"LD_PRELOAD": preload, "ASAN_OPTIONS": options}
 
 
-def asan_loaded():
-    """Whether this process runs with the AddressSanitizer runtime (started with :func:`asan_env`),
-    so that modules built with ``sanitize=True`` can be loaded."""
+def _asan_loaded():
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             return "libasan" in f.read()
@@ -238,29 +206,12 @@ def _translation_unit(code, names):
             '\n#line 1 "cudasim-entries"\n' + "".join(entries))
 
 
-def _build(source, flags, rebuild=False):
-    """Compile ``source`` (or find it in the cache); returns the path of the shared object."""
-    global _compiles
-    header = HEADER.read_text(encoding="utf-8")
-    key = hashlib.sha256("\0".join((source, header, LINKER_SCRIPT, _compiler_id(), *flags)).encode()).hexdigest()
-    folder = cache_dir()
-    target = folder / f"cudasim-{key[:32]}.so"
-    if target.exists() and not rebuild:
-        return target
-    with tempfile.TemporaryDirectory(dir=folder, prefix="build-") as tmp:
-        tmp = Path(tmp)
-        (tmp / "cudasim.h").write_text(header, encoding="utf-8")
-        (tmp / "module.cpp").write_text(source, encoding="utf-8")
-        (tmp / "shared.ld").write_text(LINKER_SCRIPT, encoding="utf-8")
-        out = tmp / "module.so"
-        proc = _run_cxx(*flags, "-I", str(tmp), "-Xlinker", "-T", "-Xlinker", str(tmp / "shared.ld"),
-                        "-o", str(out), str(tmp / "module.cpp"))
-        if proc.returncode != 0:
-            raise CompileError("cudasim: g++ failed to compile the kernel source:\n" + proc.stderr.strip())
-        os.replace(out, target)   # atomic: concurrent builders of one key both end with a whole file
-    with _count_lock:
-        _compiles += 1
-    return target
+def _build(source, flags):
+    """Compile ``source`` (or find it, verified, in the cache); returns the path of the shared object."""
+    files = {"cudasim.h": HEADER.read_text(encoding="utf-8"), "shared.ld": LINKER_SCRIPT}
+    return compile_cache.build_shared_object(
+        "cudasim", source, (*flags, "-Xlinker", "-T", "-Xlinker", "shared.ld"), extra_files=files,
+        compiler=CXX, env=_compiler_env())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,7 +236,7 @@ class RawModule:
             raise ValueError(f"cudasim: name_expressions must be non-empty one-line strings, got {expressions!r}")
         if not isinstance(code, str):
             raise TypeError("cudasim: code must be a str")
-        if sanitize and not asan_loaded():
+        if sanitize and not _asan_loaded():
             raise RuntimeError("cudasim: sanitize=True needs the AddressSanitizer runtime preloaded; run the "
                                "process with the environment from cudasim.asan_env()")
         self.code = code
@@ -296,11 +247,7 @@ class RawModule:
         flags = (*CXXFLAGS, *(ASAN_FLAGS if sanitize else ()), *_macro_flags(self.options))
         source = _translation_unit(code, self.kernel_names)
         self.path = _build(source, flags)
-        try:
-            self._lib = ctypes.CDLL(str(self.path))
-        except OSError:   # a damaged cache entry: build it again
-            self.path = _build(source, flags, rebuild=True)
-            self._lib = ctypes.CDLL(str(self.path))
+        self._lib = compile_cache.load_shared_object(self.path)
         self._kernels = {}
         self._lock = threading.Lock()
 
