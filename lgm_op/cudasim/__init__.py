@@ -31,8 +31,8 @@ import numpy as np
 from .. import compile_cache
 from ..compile_cache import CompileError
 
-__all__ = ["RawModule", "RawKernel", "SimError", "CompileError", "asan_env", "cache_dir",
-           "compile_count", "kernel_names"]
+__all__ = ["RawModule", "RawKernel", "SimError", "CompileError", "asan_env", "asan_loaded",
+           "cache_dir", "compile_count", "kernel_names"]
 
 CXX = "g++"
 HEADER = Path(__file__).with_name("cudasim.h")
@@ -137,7 +137,9 @@ def asan_env():
     return {"LD_PRELOAD": preload, "ASAN_OPTIONS": options}
 
 
-def _asan_loaded():
+def asan_loaded():
+    """Whether this process runs with the AddressSanitizer runtime (started with :func:`asan_env`),
+    so that modules built with ``sanitize=True`` can be loaded."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             return "libasan" in f.read()
@@ -236,7 +238,7 @@ class RawModule:
             raise ValueError(f"cudasim: name_expressions must be non-empty one-line strings, got {expressions!r}")
         if not isinstance(code, str):
             raise TypeError("cudasim: code must be a str")
-        if sanitize and not _asan_loaded():
+        if sanitize and not asan_loaded():
             raise RuntimeError("cudasim: sanitize=True needs the AddressSanitizer runtime preloaded; run the "
                                "process with the environment from cudasim.asan_env()")
         self.code = code
