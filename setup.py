@@ -1,7 +1,10 @@
 """Packaging for lgm-op: the L-GM loss as an MXNet operator with hand-written CPU and CUDA code."""
 from setuptools import setup
 
+# The GPU path: CuPy and NVRTC for CUDA 12 ("gpu"), or for CUDA 11 ("cu11"), the CUDA of MXNet's
+# own GPU builds (mxnet-cu112 ... mxnet-cu117); the README says which GPUs each pairing covers.
 CUDA_RUNTIME = ["cupy-cuda12x==13.6.0", "nvidia-cuda-nvrtc-cu12>=12.0,<13"]
+CUDA11_RUNTIME = ["cupy-cuda11x==13.6.0", "nvidia-cuda-nvrtc-cu11>=11.2,<12"]
 DEMO = ["mlxtend>=0.23", "scikit-learn>=1.0", "matplotlib>=3.7", "tqdm>=4.60"]
 # cuobjdump for benchmarks/sass_report.py, which the tests run (no GPU needed)
 SASS_TOOLS = ["nvidia-cuda-cuobjdump>=13.0,<14"]
@@ -28,6 +31,7 @@ setup(
     install_requires=["mxnet==1.9.1", "numpy<1.24"],
     extras_require={
         "gpu": CUDA_RUNTIME,
+        "cu11": CUDA11_RUNTIME,
         "demo": DEMO,
         "torch": TORCH,
         "test": ["pytest>=7", "pytest-timeout>=2.1"] + DEMO + CUDA_RUNTIME + SASS_TOOLS + TORCH,
