@@ -27,6 +27,8 @@ model for three GEMMs of the same shapes at one FFMA per update, no tail. Consta
     python benchmarks/sass_report.py                       # prints the tables
     python benchmarks/sass_report.py --out benchmarks/results/sass_report   # + .json and .md
     python benchmarks/sass_report.py --arch sm_90 --kernels forward         # one kernel, quickly
+    python benchmarks/sass_report.py --readme     # README block from the recorded JSON
+    python benchmarks/sass_report.py --beside benchmarks/results/gpu.json   # measured vs predicted
 """
 import argparse
 import ctypes
@@ -367,6 +369,71 @@ def format_report(rows, predictions):
     return "\n".join(lines)
 
 
+README_START = ("<!-- sass-report:start (written by benchmarks/sass_report.py --readme from "
+                "benchmarks/results/sass_report.json: edit the script, not this block) -->")
+README_END = "<!-- sass-report:end -->"
+README_MIN_UPDATES = 10**8  # sizes with fewer (i, k, j) updates are left out of the README
+
+
+def markdown(record):
+    """The README's tables from a recorded report: the float32 step kernels, and the model times."""
+    lines = ["| arch | kernel | registers | spills | blocks / SM | instructions per update | "
+             "FP32 share |", "|---|---|---|---|---|---|---|"]
+    for r in record["kernels"]:
+        if r["kernel"] in STEP_KERNELS and r["dtype"] == "f32" and r["label"] in (None, "f32"):
+            loop = r["main_loop"]
+            lines.append(f"| {r['arch']} | {r['kernel']} | {r['registers']} | "
+                         f"{r['spill_stores'] + r['spill_loads']} | {r['blocks_per_sm']} | "
+                         f"{loop['per_update']:.2f} | {loop['fp_share']:.0%} |")
+    lines += ["", "| GPU (model) | N x K x D | forward | backward dx | backward mean, log-var | "
+              "total | 3 SGEMMs (same model) | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for p in record["predictions"]:
+        if math.prod(common.parse_sizes(p["size"])[0]) < README_MIN_UPDATES:
+            continue  # launch-bound: the main-loop model says nothing there
+        ms = [p["kernels"][b]["ms"] for b in STEP_KERNELS]
+        lines.append(f"| {p['gpu']} | {p['size']} | " + " | ".join(f"{m:.3f} ms" for m in ms)
+                     + f" | {p['total_ms']:.3f} ms | {p['sgemm_floor_ms']:.3f} ms | "
+                     f"{p['ratio']:.1f}x |")
+    sha = (record["git"]["sha"] or "unknown")[:10]
+    lines += ["", f"From `{record['command']}` (NVRTC {record['versions']['nvrtc']}, git {sha}, "
+              f"{record['date_utc'][:10]}); predicted, not measured."]
+    return "\n".join(lines)
+
+
+def beside_measured(record, bench, arch="sm_90"):
+    """A table of measured times (a bench_gpu.py record) beside this report's prediction for
+    ``arch`` at the same sizes; sizes the report did not model show '-'."""
+    predicted = {p["size"]: p for p in record["predictions"] if p["arch"] == arch}
+    head = ["size", "measured fwd", "measured bwd", "measured fwd+bwd", "cuBLAS 3 GEMMs",
+            "predicted fwd+bwd", "measured / predicted"]
+    rows = []
+    for result in bench["results"]:
+        size = common.size_label((result["size"]["n"], result["size"]["k"], result["size"]["d"]))
+        ours = result["providers"].get("ours", {})
+        cublas = result["providers"].get("cublas", {})
+        measured = {m: (ours.get(m) or {}).get("median_ms") for m in bench_gpu.MODES}
+        floor = (cublas.get("forward_backward") or {}).get("median_ms")
+        pred = predicted.get(size, {}).get("total_ms")
+        both = measured["forward_backward"] is not None and pred
+        rows.append([size] + [f"{measured[m]:.3f}" if measured[m] is not None else "-"
+                              for m in bench_gpu.MODES]
+                    + [f"{floor:.3f}" if floor is not None else "-",
+                       f"{pred:.3f}" if pred else "-",
+                       f"{measured['forward_backward'] / pred:.2f}" if both else "-"])
+    gpu = bench["hardware"].get("gpu", {}).get("name", "unknown GPU")
+    return (f"Measured on {gpu} (ms, median) beside the {GPUS[arch]['gpu']} prediction of "
+            f"benchmarks/sass_report.py\n" + common.format_table(head, rows))
+
+
+def write_readme(json_path, readme):
+    import json
+    record = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    text = Path(readme).read_text(encoding="utf-8")
+    start, end = text.index(README_START), text.index(README_END)
+    Path(readme).write_text(text[:start] + README_START + "\n" + markdown(record) + "\n"
+                            + text[end:], encoding="utf-8")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
@@ -377,7 +444,23 @@ def main(argv=None):
                         help="comma-separated NxKxD sizes of the time model")
     parser.add_argument("--out", default=None,
                         help="write <out>.json and <out>.md as well (default: print only)")
+    parser.add_argument("--readme", action="store_true",
+                        help="only rewrite the README's report block from the recorded "
+                             "benchmarks/results/sass_report.json")
+    parser.add_argument("--beside", metavar="GPU_JSON", default=None,
+                        help="only print the measured times of a bench_gpu.py record beside the "
+                             "recorded prediction (benchmarks/results/sass_report.json)")
     args = parser.parse_args(argv)
+    if args.beside:
+        import json
+        record = json.loads((common.REPO_ROOT / "benchmarks" / "results" / "sass_report.json")
+                            .read_text(encoding="utf-8"))
+        print(beside_measured(record, json.loads(Path(args.beside).read_text(encoding="utf-8"))))
+        return 0
+    if args.readme:
+        write_readme(common.REPO_ROOT / "benchmarks" / "results" / "sass_report.json",
+                     common.REPO_ROOT / "README.md")
+        return 0
     rows = kernel_rows(args.arch, args.kernels)
     predictions = predict(rows, common.parse_sizes(args.sizes))
     text = format_report(rows, predictions)

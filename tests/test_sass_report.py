@@ -59,3 +59,37 @@ def test_main_loop_counts_a_nested_step_loop_per_trip():
     assert tile == (0x10, 0x60) and nested == [(0x20, 0x40)]
     figures = sass_report.loop_figures(weighted, "f32", 8)
     assert figures["fma"] == 8 and figures["instructions"] == 4 + 4 * 4
+
+
+def _recorded():
+    import json
+    return json.loads((ROOT / "benchmarks" / "results" / "sass_report.json").read_text())
+
+
+def test_readme_block_is_the_recorded_report():
+    record = _recorded()
+    text = (ROOT / "README.md").read_text()
+    start = text.index(sass_report.README_START) + len(sass_report.README_START) + 1
+    assert text[start:text.index(sass_report.README_END)] == sass_report.markdown(record) + "\n"
+    # the recorded step kernels meet the register and spill rules the README states
+    for row in record["kernels"]:
+        if row["kernel"] in sass_report.STEP_KERNELS and row["dtype"] == "f32":
+            assert row["spill_stores"] == row["spill_loads"] == 0 and row["blocks_per_sm"] >= 2
+
+
+def test_measured_times_beside_the_prediction():
+    record = _recorded()
+    predicted = next(p for p in record["predictions"]
+                     if p["arch"] == "sm_90" and p["size"] == "1024x10000x512")
+    stats = {"median_ms": 2 * predicted["total_ms"]}
+    bench = {"hardware": {"gpu": {"name": "Some GPU"}}, "results": [
+        {"size": {"n": 1024, "k": 10000, "d": 512},
+         "providers": {"ours": {"forward": stats, "backward": stats, "forward_backward": stats},
+                       "cublas": {"forward_backward": {"median_ms": 0.5}}}},
+        {"size": {"n": 3, "k": 2, "d": 1}, "providers": {"ours": {"status": "failed"}}}]}
+    text = sass_report.beside_measured(record, bench)
+    assert "Some GPU" in text
+    line = next(row for row in text.splitlines() if row.startswith("1024x10000x512"))
+    assert line.split()[-1] == "2.00" and "0.500" in line
+    assert next(row for row in text.splitlines() if row.startswith("3x2x1")).split()[1:] == [
+        "-"] * 6
