@@ -291,10 +291,14 @@ def _sim():
 def _gpu():
     try:
         import cupy
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception as exc:  # no CuPy, no driver, an old driver
-        pytest.skip(f"no usable GPU ({type(exc).__name__}: {exc})")
+    except Exception as exc:  # noqa: BLE001 - any import failure means no GPU backend
+        pytest.skip(f"CuPy is not importable ({exc})")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - no driver, a driver too old for any device, ...
+        count = 0
+    if count < 1:
+        pytest.skip("no CUDA GPU on this machine")
     return cupy, bench_gpu.CudaBackend().raw_module_class()
 
 
