@@ -9,11 +9,10 @@
 // Block 256 throughout. mean_iv and the class ids come from lgm_class_terms.cu.
 //
 // G = dL/dd (SPEC 2) is built from grad_logits, grad_lkd and the class ids (-1: no class) while
-// loading a tile and is
-// never stored as N x K. When one output tile per block gives too few blocks to fill the GPU, the
-// launcher splits the loop (classes for dx, samples for the parameters) over gridDim.z; each slice
-// writes its own partial result and sum_partials adds them in a fixed order. No atomics: the
-// gradients are bitwise the same on every run.
+// loading a tile and is never stored as N x K. When one output tile per block gives too few
+// blocks to fill the GPU, the launcher splits the loop (classes for dx, samples for the
+// parameters) over gridDim.z; each slice writes its own partial result and sum_partials adds them
+// in a fixed order. No atomics: the gradients are bitwise the same on every run.
 #include "lgm_common.cuh"
 
 namespace lgm {
