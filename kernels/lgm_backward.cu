@@ -4,7 +4,7 @@
 //                           classes; grid (ceil(N / 64), ceil(D / 64), class slices).
 // lgm::backward_params<T>   one 64 x 64 tile of (classes, features) per block, looping over
 //                           samples; grid (ceil(K / 64), ceil(D / 64), sample slices).
-// lgm::sum_partials<T>      out[e] = sum_p partial[p, e] (times the clamp mask when asked);
+// lgm::sum_partials<T>      out[e] = sum_p partial[p, e] (through the clamp when asked);
 //                           grid ceil(len / 256).
 // Block 256 throughout. mean_iv and the class ids come from lgm_class_terms.cu.
 //
@@ -332,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
             } else if (dlog_var_out) {
                 const T s = log_var[(long long)k * dim + j];
                 dlog_var_out[at] =
-                    final_output ? bracket * clamp_passes(s, logvar_min, logvar_max) : bracket;
+                    final_output ? clamp_gradient(bracket, s, logvar_min, logvar_max) : bracket;
             }
         }
         if (isotropic) {
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     }
 }
 
-// out[e] = sum_{p < parts} partial[p * len + e], in order of p; times the clamp mask of
+// out[e] = sum_{p < parts} partial[p * len + e], in order of p; through the clamp of
 // log_var[e] when apply_mask (log_var then has len elements: the (K, D) or (K, 1) parameter).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sum_partials(
@@ -360,7 +360,7 @@ __global__ void __launch_bounds__(kThreads) sum_partials(
     if (e >= len) return;
     T total = 0;
     for (int p = 0; p < parts; ++p) total += partial[p * len + e];
-    if (apply_mask) total *= clamp_passes(log_var[e], logvar_min, logvar_max);
+    if (apply_mask) total = clamp_gradient(total, log_var[e], logvar_min, logvar_max);
     out[e] = total;
 }
 

@@ -82,11 +82,12 @@ __device__ __forceinline__ T clamp_log_var(T s, T logvar_min, T logvar_max) {
     return s < logvar_min ? logvar_min : (s > logvar_max ? logvar_max : s);
 }
 
-// 1 where the clamp passes gradient (the closed interval), else 0. Used as a factor, not a
-// select, so NaN and Inf gradients still propagate through masked entries as NumPy does.
+// The gradient through the clamp: g on the closed interval [logvar_min, logvar_max], exactly 0
+// outside it (and for a NaN log-variance). A select, not a factor: no gradient passes a blocked
+// entry, not even a NaN or Inf arriving from upstream (SPEC section 2).
 template <typename T>
-__device__ __forceinline__ T clamp_passes(T s, T logvar_min, T logvar_max) {
-    return (s >= logvar_min && s <= logvar_max) ? T(1) : T(0);
+__device__ __forceinline__ T clamp_gradient(T g, T s, T logvar_min, T logvar_max) {
+    return (s >= logvar_min && s <= logvar_max) ? g : T(0);
 }
 
 __device__ __forceinline__ float exp_of(float v) { return expf(v); }

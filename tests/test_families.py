@@ -107,6 +107,10 @@ def test_nonfinite_stays_in_its_row_or_column(where, value, dtype, backend, rng,
         bad = ~np.isfinite(r)
         rounded = e.astype(dtype)
         same = (a == r) | (np.isnan(a) & np.isnan(r)) | (a == rounded)
+        if value == "huge" and dtype == np.float32:
+            # the squared terms overflow float32 itself: the float32 reference gives NaN where
+            # the float64 answer lies beyond float32's range, so any non-finite value is as good
+            same |= ~np.isfinite(a)
         assert same[bad].all(), f"{what}: got {a[bad]}, reference {r[bad]} (seed {seed})"
         assert np.isfinite(a[~bad]).all(), f"{what}: non-finite where the reference is finite"
         finite = np.isfinite(e) & ~bad
