@@ -52,21 +52,35 @@ _WIDE_BACKWARD_DIM = 32
 _local = threading.local()
 
 
+class _Pool:
+    """Work buffers kept between calls, by name: fresh pages for every N x K or K x D array
+    would cost more than the pass that fills them."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name, shape, dtype):
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self.buffers[name] = np.empty(shape, dtype)
+        return buf
+
+    def copy(self, name, array):
+        buf = self.get(name, array.shape, array.dtype)
+        np.copyto(buf, array)
+        return buf
+
+
 def _scratch(name, shape, dtype):
-    """A per-thread work buffer, kept between calls: fresh pages for every N x K or K x D
-    temporary would cost more than the pass that fills them."""
-    store = _local.__dict__.setdefault("buffers", {})
-    buf = store.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != dtype:
-        buf = store[name] = np.empty(shape, dtype)
-    return buf
+    """A per-thread work buffer, valid until the next call on this thread."""
+    return _local.__dict__.setdefault("pool", _Pool()).get(name, shape, dtype)
 
 
-def clamp_log_var(log_var, opts, dtype=np.float64):
-    """c = clip(s, logvar_min, logvar_max) in ``dtype`` (NaN stays NaN)."""
+def clamp_log_var(log_var, opts, dtype=np.float64, out=None):
+    """c = clip(s, logvar_min, logvar_max) in ``dtype`` (NaN stays NaN), into ``out`` if given."""
     real = np.dtype(dtype).type
     return np.clip(np.asarray(log_var).astype(dtype, copy=False), real(opts.logvar_min),
-                   real(opts.logvar_max))
+                   real(opts.logvar_max), out=out)
 
 
 
@@ -96,16 +110,16 @@ class _Classes:
     shift: (D,) the centroid.
     """
 
-    def __init__(self, mu, log_var, opts, dtype):
+    def __init__(self, mu, log_var, opts, dtype, pool):
         self.mu = mu
         self.log_var = log_var
         self.opts = opts
         self.shift = _centroid(mu)
-        self.c = clamp_log_var(log_var, opts, dtype)
-        self.iv = np.negative(self.c)
+        self.c = clamp_log_var(log_var, opts, dtype, out=pool.get("c", log_var.shape, dtype))
+        self.iv = np.negative(self.c, out=pool.get("iv", log_var.shape, dtype))
         np.exp(self.iv, out=self.iv)
-        self.mc = mu - self.shift
-        self.mciv = self.mc * self.iv
+        self.mc = np.subtract(mu, self.shift, out=pool.get("mc", mu.shape, dtype))
+        self.mciv = np.multiply(self.mc, self.iv, out=pool.get("mciv", mu.shape, dtype))
         self.sq = np.einsum("kj,kj->k", self.mc, self.mciv)
         self._iv64 = None
         # float64 inputs: the inverse variances before bad classes are zeroed, for direct entries
@@ -162,10 +176,10 @@ class _Classes:
         return self._iv64
 
 
-def _shifted_features(x, classes):
+def _shifted_features(x, classes, pool):
     """xc: (N, D) features minus the centroid, with the rows that are not finite (or whose squares
     overflow) zeroed; and the indices of those rows."""
-    xc = x - classes.shift
+    xc = np.subtract(x, classes.shift, out=pool.get("xc", x.shape, x.dtype))
     norm = np.einsum("ij,ij->i", xc, xc)
     # no inverse variance exceeds exp(-logvar_min): a row whose norm times that is finite cannot
     # overflow in the products
@@ -201,6 +215,7 @@ class CPUState:
         self.key = None
         self.inputs = None
         self.saved = None
+        self.pool = _Pool()
 
 
 _memcmp = ctypes.CDLL(None).memcmp
@@ -221,11 +236,19 @@ def _prepare(x, mu, log_var, opts, state=None, reuse=False):
     key = (opts.logvar_min, opts.logvar_max, opts.isotropic)
     if reuse and state is not None and state.key == key and all(
             _same_bytes(a, b) for a, b in zip((x, mu, log_var), state.inputs)):
+        classes = state.saved[0]
+        classes.mu, classes.log_var = mu, log_var     # the same bytes, in this call's arrays
         return (x, x.dtype) + state.saved
-    classes = _Classes(mu, log_var, opts, x.dtype)
-    saved = (classes,) + _shifted_features(x, classes)
-    if state is not None and not reuse:
-        state.key, state.inputs, state.saved = key, tuple(a.copy() for a in (x, mu, log_var)), saved
+    # a forward keeps its operands in the state's own buffers (they must outlive the call); other
+    # calls work in this thread's buffers
+    keep = state is not None and not reuse
+    pool = state.pool if keep else _local.__dict__.setdefault("pool", _Pool())
+    classes = _Classes(mu, log_var, opts, x.dtype, pool)
+    saved = (classes,) + _shifted_features(x, classes, pool)
+    if keep:
+        state.key, state.saved = key, saved
+        state.inputs = tuple(pool.copy(name, a) for name, a in
+                             zip(("in_x", "in_mu", "in_s"), (x, mu, log_var)))
     return (x, x.dtype) + saved
 
 
