@@ -41,6 +41,9 @@ _TAU = {np.dtype(np.float32): 2.0, np.dtype(np.float64): 1e3}
 _CENTROID_ROWS = 63
 # Entries computed directly per chunk (times D float64 values in flight).
 _DIRECT_CHUNK = 1 << 21
+# Sums over direct entries by row: through a one-hot matrix product up to this many one-hot
+# entries (rows x entries), by sorting and reduceat beyond.
+_ONE_HOT_LIMIT = 1 << 16
 # Below this many features, float32 backward products run in float64. Their sums over samples
 # (parameters) and classes (features) accumulate rounding with the length of the sum, and where
 # the features spread far beyond their distances to a class mean (2-D classes 1e2 to 1e4 apart)
@@ -335,11 +338,19 @@ def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None)
 def _add_segments(index, *pairs):
     """acc[index[m]] += values[m] for every m and every (acc, values) pair, duplicates summed
     (one sort and reduceat for all pairs)."""
-    if index.size == 0:
+    if index.size == 0 or not pairs:
         return
     if index.size == 1 or (index[1:] > index[:-1]).all():    # distinct and sorted: no sums
         for acc, values in pairs:
             acc[index] += values
+        return
+    rows = pairs[0][0].shape[0]
+    # few rows: one matrix product beats a sort (not for non-finite values: 0 * inf is NaN)
+    if rows * index.size <= _ONE_HOT_LIMIT and all(np.isfinite(v).all() for _, v in pairs):
+        one_hot = np.zeros((rows, index.size))
+        one_hot[index, np.arange(index.size)] = 1
+        for acc, values in pairs:
+            acc += one_hot @ values
         return
     order = np.argsort(index, kind="stable")
     idx = index[order]
