@@ -22,6 +22,7 @@ Writes ``{out}/params_rank{r}.npz`` (every parameter by its name, margin_iter in
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -36,20 +37,38 @@ import lgm_op  # noqa: E402  (registers op_type='lgm')
 IN_UNITS = 4
 
 
+def _number(kind, low, below=None):
+    """An argparse type: ``kind`` (int or float) >= ``low`` (and < ``below``), finite."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (
+                below is not None and value >= below):
+            rule = f">= {low}" + ("" if below is None else f" and < {below}")
+            raise argparse.ArgumentTypeError(f"must be a finite {kind.__name__} {rule}, "
+                                             f"got {text!r}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kvstore", default="dist_sync",
-                   help="dist_sync (default), dist_async, or local for a single process")
+                   choices=("dist_sync", "dist_device_sync", "dist_async", "local"),
+                   help="a distributed kvstore, or local for a single process")
     p.add_argument("--update-on-kvstore", action="store_true",
                    help="run the optimizer on the servers (default: on the workers, after the "
                         "gradients are summed across workers)")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch, split over workers")
-    p.add_argument("--num-classes", type=int, default=4)
-    p.add_argument("--dim", type=int, default=3, help="feature dimension D")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--steps", type=_number(int, 1), default=6)
+    p.add_argument("--batch-size", type=_number(int, 1), default=32,
+                   help="global batch, split over workers")
+    p.add_argument("--num-classes", type=_number(int, 1), default=4)
+    p.add_argument("--dim", type=_number(int, 1), default=3, help="feature dimension D")
+    p.add_argument("--lr", type=_number(float, 0), default=0.1)
+    p.add_argument("--momentum", type=_number(float, 0, below=1), default=0.9)
+    p.add_argument("--seed", type=_number(int, 0), default=7)
     p.add_argument("--out", required=True, help="folder for params_rank{r}.npz / log_rank{r}.json")
     return p.parse_args(argv)
 
@@ -94,7 +113,10 @@ def train(args):
     net, loss_block, params = build(args)
     kv = mx.kv.create(args.kvstore) if args.kvstore.startswith("dist") else None
     optimizer = mx.optimizer.SGD(learning_rate=args.lr, momentum=args.momentum)
-    param_list = [params[name] for name in sorted(params.keys())]  # the Trainer's index order
+    # margin_iter is an auxiliary counter that each worker advances in its forward pass: it is
+    # no gradient, so it stays out of the Trainer (and off the parameter server).
+    param_list = [params[name] for name in sorted(params.keys())
+                  if params[name].grad_req != "null"]  # the Trainer's index order
     if args.update_on_kvstore:
         # The optimizer is pickled to the servers without Trainer's parameter table, so the
         # Parameter lr_mult / wd_mult (log_var's lower rate) would be lost there; the optimizer's
@@ -108,6 +130,17 @@ def train(args):
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the number of "
                          f"workers {workers}")
     share = args.batch_size // workers
+    if kv is not None and not args.update_on_kvstore:
+        # The Trainer sets its kvstore up inside the first step(): it broadcasts each weight
+        # under key i and, in the same call, pushes and pulls the gradient under that same key.
+        # With the updates on the workers, the first update then went wrong on every worker at
+        # once in 4 of 20 runs (6 of 15 with stock layers and no lgm at all), never under
+        # MXNet's NaiveEngine: the two transfers are evidently not ordered. Setting the kvstore
+        # up and waiting for the broadcast before the first step orders them (0 of 22 runs
+        # wrong; docs/reliability.md, section 5).
+        trainer._init_kvstore()
+        trainer._init_params()
+        mx.nd.waitall()
     losses = []
     for step in range(args.steps):
         x, y = global_batch(args, step)
