@@ -373,10 +373,16 @@ def bench_size(size, args):
     del expected
     gc.collect()
 
+    return time_in_rounds(record, ready, args, label)
+
+
+def time_in_rounds(record, ready, args, label, op=OP):
+    """Time the checked providers ``ready`` in interleaved rounds and fill ``record``'s entries:
+    raw times, statistics, and each peer's median per-round ratio to the op."""
     print(f"[{label}] {len(ready)} providers in rounds ...", flush=True)
     times, failed = run_rounds(ready, args.repeats, args.warmup, args.max_seconds)
     record["rounds"] = max((len(t) for t in times.values()), default=0)
-    op_times = times.get(OP)
+    op_times = times.get(op)
     for name, entry in record["providers"].items():
         if name in failed:
             entry["status"] = failed[name]
@@ -386,7 +392,7 @@ def bench_size(size, args):
         done = [t for t in times[name] if t is not None]
         if done:
             entry["stats"] = common.summarize(done)
-        if op_times is not None and name != OP:
+        if op_times is not None and name != op:
             entry["ratio_to_op"] = ratio_stats(times[name], op_times)
             entry["op_over_provider"] = ratio_stats(op_times, times[name])
     return record

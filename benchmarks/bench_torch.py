@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_cpu import (  # noqa: E402
-    NAMES, failure_status, ratio_stats, reference_results, run_rounds, thread_record)
+    NAMES, failure_status, reference_results, thread_record, time_in_rounds)
 from benchmarks.bench_gpu import make_torch_loss  # noqa: E402
 
 OP = "op"
@@ -206,22 +206,7 @@ def bench_size(size, args):
     del expected
     gc.collect()
 
-    print(f"[{label}] {len(ready)} providers in rounds ...", flush=True)
-    times, failed = run_rounds(ready, args.repeats, args.warmup, args.max_seconds)
-    record["rounds"] = max((len(t) for t in times.values()), default=0)
-    op_times = times.get(OP)
-    for name, entry in record["providers"].items():
-        if name in failed:
-            entry["status"] = failed[name]
-        if name not in times:
-            continue
-        entry["times_ms"] = [None if t is None else 1e3 * t for t in times[name]]
-        done = [t for t in times[name] if t is not None]
-        if done:
-            entry["stats"] = common.summarize(done)
-        if op_times is not None and name != OP:
-            entry["ratio_to_op"] = ratio_stats(times[name], op_times)
-    return record
+    return time_in_rounds(record, ready, args, label, op=OP)
 
 
 def evaluate_targets(record):
