@@ -297,3 +297,48 @@ def test_concurrent_builds_of_one_module_all_get_one_whole_file(xdg, tmp_path):
     assert len({path for _, _, path in lines}) == 1
     folder = xdg / "lgm_op" / "t"
     assert [p.name for p in folder.iterdir()] == [Path(lines[0][2]).name]   # no temporary leftovers
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the operator (SPEC 4): an MXNetError naming the cache, and the next call is right
+# ------------------------------------------------------------------------------------------------
+THROUGH_THE_OP = """
+import os, sys
+import numpy as np
+import mxnet as mx
+import lgm_op
+
+rng = np.random.default_rng(7)
+n, k, d = 7, 3, 5
+args = [mx.nd.array(rng.standard_normal((n, d)), dtype="float64"), mx.nd.array(rng.integers(0, k, n)),
+        mx.nd.array(rng.standard_normal((k, d)), dtype="float64"), mx.nd.zeros((k, d), dtype="float64")]
+os.environ["XDG_CACHE_HOME"] = sys.argv[1]
+try:
+    mx.nd.Custom(*args, op_type="lgm", num_classes=k)[0].asnumpy()
+    print("no error")
+except mx.MXNetError as err:
+    print("error:", str(err).splitlines()[-1])
+os.environ["XDG_CACHE_HOME"] = sys.argv[2]
+simulated = mx.nd.Custom(*args, op_type="lgm", num_classes=k)[0].asnumpy()
+os.environ["LGM_OP_CUDASIM"] = "0"
+numpy_path = mx.nd.Custom(*args, op_type="lgm", num_classes=k)[0].asnumpy()
+print("largest relative difference:", np.max(np.abs(simulated - numpy_path) / np.abs(numpy_path)))
+"""
+
+
+def test_an_unusable_cache_under_the_operator_is_an_mxnet_error_and_the_next_call_is_right(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    script = tmp_path / "through_the_op.py"
+    script.write_text(THROUGH_THE_OP)
+    env = {**os.environ, "LGM_OP_CUDASIM": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "file"), str(tmp_path / "good")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # MXNet prints the callback's traceback to stdout too; the script's own lines are these two.
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("error:", "largest", "no error"))]
+    assert len(lines) == 2, proc.stdout
+    assert lines[0] == (f"error: lgm forward: CacheError: lgm_op compile cache: cannot use "
+                        f"{tmp_path / 'file' / 'lgm_op' / 'cudasim'} (from XDG_CACHE_HOME={tmp_path / 'file'}): "
+                        f"{tmp_path / 'file'} is a regular file, not a folder; set XDG_CACHE_HOME to a "
+                        f"private folder"), proc.stdout
+    assert float(lines[1].rsplit(" ", 1)[1]) <= 1e-9, proc.stdout   # SPEC 5, float64
