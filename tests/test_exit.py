@@ -123,12 +123,20 @@ def test_pending_lgm_work_exits_cleanly_20_runs(tmp_path):
 
 
 def test_stock_custom_op_alone_does_not_exit_cleanly_mxnet_behaviour(tmp_path):
-    """MXNet 1.9.1's own behaviour, which lgm_op cannot change, only prevent (next test)."""
-    status, out, err = run_script(tmp_path, PENDING_STOCK)
-    assert "end of script" in out, err[-3000:]
-    assert status in (-signal.SIGABRT, "hung"), f"exit status {status}\n{err[-3000:]}"
-    if status == -signal.SIGABRT:
-        assert "terminate called without an active exception" in err
+    """MXNet 1.9.1's own behaviour, which lgm_op cannot change, only prevent (next test). It is a
+    race: most runs abort or hang, some exit cleanly, so up to 6 runs are tried for one that
+    shows it (each clean run is printed); every run must reach the end of the script."""
+    statuses = []
+    for _ in range(6):
+        status, out, err = run_script(tmp_path, PENDING_STOCK)
+        assert "end of script" in out, err[-3000:]
+        statuses.append(status)
+        if status in (-signal.SIGABRT, "hung"):
+            if status == -signal.SIGABRT:
+                assert "terminate called without an active exception" in err
+            return
+        print(f"stock custom op exited with status {status}")
+    raise AssertionError(f"6 runs of the stock custom op without lgm_op all exited: {statuses}")
 
 
 def test_stock_custom_op_exits_cleanly_once_lgm_op_is_imported(tmp_path):
