@@ -52,12 +52,37 @@ _ONE_HOT_LIMIT = 1 << 16
 _WIDE_BACKWARD_DIM = 32
 
 
-_local = threading.local()
+class _FreeBuffers:
+    """Arrays no pool holds any more, kept by (shape, dtype) for the next pool that asks: an
+    operator created per call (imperative MXNet) then still finds warm memory. At most
+    ``per_key`` arrays of each kind are kept."""
+
+    def __init__(self, per_key=4):
+        self.per_key = per_key
+        self.free = {}
+        self.lock = threading.Lock()
+
+    def take(self, shape, dtype):
+        with self.lock:
+            stack = self.free.get((shape, np.dtype(dtype)))
+            if stack:
+                return stack.pop()
+        return np.empty(shape, dtype)
+
+    def give(self, array):
+        with self.lock:
+            stack = self.free.setdefault((array.shape, array.dtype), [])
+            if len(stack) < self.per_key:
+                stack.append(array)
+
+
+_FREE = _FreeBuffers()
 
 
 class _Pool:
     """Work buffers kept between calls, by name: fresh pages for every N x K or K x D array
-    would cost more than the pass that fills them."""
+    would cost more than the pass that fills them. A pool that is released (or collected) hands
+    its buffers back for other pools."""
 
     def __init__(self):
         self.buffers = {}
@@ -65,7 +90,9 @@ class _Pool:
     def get(self, name, shape, dtype):
         buf = self.buffers.get(name)
         if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self.buffers[name] = np.empty(shape, dtype)
+            if buf is not None:
+                _FREE.give(buf)
+            buf = self.buffers[name] = _FREE.take(shape, dtype)
         return buf
 
     def copy(self, name, array):
@@ -73,10 +100,13 @@ class _Pool:
         np.copyto(buf, array)
         return buf
 
+    def release(self):
+        for buf in self.buffers.values():
+            _FREE.give(buf)
+        self.buffers = {}
 
-def _scratch(name, shape, dtype):
-    """A per-thread work buffer, valid until the next call on this thread."""
-    return _local.__dict__.setdefault("pool", _Pool()).get(name, shape, dtype)
+    def __del__(self):
+        self.release()
 
 
 def clamp_log_var(log_var, opts, dtype=np.float64, out=None):
@@ -231,10 +261,11 @@ def _same_bytes(a, b):
         a.ctypes.data, b.ctypes.data, a.nbytes) == 0)
 
 
-def _prepare(x, mu, log_var, opts, state=None, reuse=False):
+def _prepare(x, mu, log_var, opts, tmp, state=None, reuse=False):
     """x, its dtype, the per-class operands, the shifted features, their squared norms and the
     rows that are not finite. With ``state``: saved for a backward (``reuse=False``, forward), or
-    taken from it when the inputs are byte-for-byte those of its forward (``reuse=True``)."""
+    taken from it when the inputs are byte-for-byte those of its forward (``reuse=True``); else
+    in the call's buffers ``tmp``."""
     x, mu, log_var = (np.ascontiguousarray(a) for a in (x, mu, log_var))
     key = (opts.logvar_min, opts.logvar_max, opts.isotropic)
     if reuse and state is not None and state.key == key and all(
@@ -242,10 +273,9 @@ def _prepare(x, mu, log_var, opts, state=None, reuse=False):
         classes = state.saved[0]
         classes.mu, classes.log_var = mu, log_var     # the same bytes, in this call's arrays
         return (x, x.dtype) + state.saved
-    # a forward keeps its operands in the state's own buffers (they must outlive the call); other
-    # calls work in this thread's buffers
+    # a forward keeps its operands in the state's own buffers (they must outlive the call)
     keep = state is not None and not reuse
-    pool = state.pool if keep else _local.__dict__.setdefault("pool", _Pool())
+    pool = state.pool if keep else tmp
     classes = _Classes(mu, log_var, opts, x.dtype, pool)
     saved = (classes,) + _shifted_features(x, classes, pool)
     if keep:
@@ -255,10 +285,10 @@ def _prepare(x, mu, log_var, opts, state=None, reuse=False):
     return (x, x.dtype) + saved
 
 
-def _expanded_distances(xc, norm, classes, tau, out):
+def _expanded_distances(xc, norm, classes, tau, out, tmp):
     """out <- -d by the expansion; returns the flat indices of entries that may have cancelled."""
-    scratch = _scratch("nk", out.shape, out.dtype)
-    keep = _scratch("nk_bool", out.shape, np.bool_)
+    scratch = tmp.get("nk", out.shape, out.dtype)
+    keep = tmp.get("nk_bool", out.shape, np.bool_)
     if classes.opts.isotropic:
         np.multiply(norm[:, None], classes.iv[:, 0][None, :], out=out)    # A
     else:
@@ -275,18 +305,23 @@ def _expanded_distances(xc, norm, classes, tau, out):
     return suspect
 
 
-def _quiet(function):
-    """Non-finite inputs give non-finite outputs where the math puts them (SPEC section 4); NumPy's
-    warnings about them on the way are noise."""
+def _entry_point(function):
+    """Gives the function its call's work buffers (``tmp``, handed back for the next call on any
+    thread when it returns) and silences NumPy's warnings about non-finite values: those reach
+    the outputs only where the math puts them (SPEC section 4), and the warnings are noise."""
     @functools.wraps(function)
-    def quiet(*args, **kwargs):
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return function(*args, **kwargs)
-    return quiet
+    def entry(*args, **kwargs):
+        tmp = _Pool()
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                return function(*args, tmp=tmp, **kwargs)
+        finally:
+            tmp.release()
+    return entry
 
 
-@_quiet
-def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None):
+@_entry_point
+def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None, tmp=None):
     """Forward of SPEC section 1.
 
     x: (N, D) float32/float64; label: (N,) integer-valued labels of any real dtype, or None for the
@@ -294,10 +329,11 @@ def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None)
     log_var: (K, D), or (K, 1) when ``opts.isotropic``; training: applies the margin;
     out: optional (logits (N, K), lkd (N,)) C-contiguous arrays of x's dtype to write into
     (entries may be None);
-    state: optional :class:`CPUState` that keeps operands for the backward of these inputs.
+    state: optional :class:`CPUState` that keeps operands for the backward of these inputs;
+    tmp: the call's work buffers, supplied by the entry point (not an argument for callers).
     Returns logits: (N, K) and lkd: (N,), in the dtype of x.
     """
-    x, dtype, classes, xc, norm, bad_rows = _prepare(x, mu, log_var, opts, state)
+    x, dtype, classes, xc, norm, bad_rows = _prepare(x, mu, log_var, opts, tmp, state)
     n, k = x.shape[0], opts.num_classes
     y = None if label is None else validate_labels_numpy(label, k)
     logits, lkd = (None, None) if out is None else out
@@ -306,7 +342,7 @@ def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None)
     rows_all = np.arange(n)
 
     # 1. logits <- -d - 0.5 log|Sigma| on the expansion
-    suspect = _expanded_distances(xc, norm, classes, _TAU[dtype], logits)
+    suspect = _expanded_distances(xc, norm, classes, _TAU[dtype], logits, tmp)
     half_log_det = classes.half_log_det()
     if opts.logdet_logits:
         logits -= half_log_det[None, :]
@@ -359,16 +395,16 @@ def _add_segments(index, *pairs):
         acc[idx[starts]] += np.add.reduceat(values[order], starts, axis=0)
 
 
-@_quiet
+@_entry_point
 def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, training,
-                     need=(True, True, True), out=None, state=None):
+                     need=(True, True, True), out=None, state=None, tmp=None):
     """Backward of SPEC section 2.
 
     x: (N, D); label: (N,) labels (for the label-free form, the predicted classes); mu: (K, D);
     log_var: (K, D) or (K, 1); grad_logits: (N, K) = dL/dlogits; grad_lkd: (N,) = dL/dlkd;
     need: which of (dx, dmu, dlog_var) to compute; out: optional (dx, dmu, dlog_var) arrays
     (entries may be None) to write into; state: the :class:`CPUState` given to the forward of
-    these inputs, if any.
+    these inputs, if any; tmp: as for :func:`lgm_forward_cpu`.
     Returns dx: (N, D), dmu: (K, D), dlog_var: shaped like log_var, in the dtype of x (None for
     a gradient that is not needed).
     """
@@ -376,7 +412,8 @@ def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, trainin
     out = (None, None, None) if out is None else out
     if not (need_dx or need_dmu or need_ds):
         return None, None, None
-    x, dtype, classes, xc, norm, bad_rows = _prepare(x, mu, log_var, opts, state, reuse=True)
+    x, dtype, classes, xc, norm, bad_rows = _prepare(x, mu, log_var, opts, tmp, state,
+                                                     reuse=True)
     k = opts.num_classes
     y = validate_labels_numpy(label, k)
     n, dim = x.shape
@@ -387,7 +424,7 @@ def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, trainin
     # 1. G = dL/dd: (N, K), with the directly computed entries taken out of it
     alpha = opts.margin(training)
     work = np.float64 if dim < _WIDE_BACKWARD_DIM else dtype
-    g = np.negative(gz, out=_scratch("nk", gz.shape, work), dtype=work)
+    g = np.negative(gz, out=tmp.get("nk", gz.shape, work), dtype=work)
     rows, cols = _entries(rows_all, y, k, bad_rows, classes.bad, n)
     g_direct = g[rows, cols].astype(np.float64)
     on_label = cols == y[rows]
@@ -409,8 +446,8 @@ def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, trainin
     # 3. parameter gradients from sum_i G_ik x_ij (and sum_i G_ik x_ij^2 for the log-variance)
     if need_dmu or need_ds:
         g_col = g.sum(axis=0)                                     # (K,)
-        gx = np.matmul(g.T, xc, out=_scratch("kd_gx", mc.shape, work))
-        neg_resid = np.multiply(mc, g_col[:, None], out=_scratch("kd_resid", mc.shape, work))
+        gx = np.matmul(g.T, xc, out=tmp.get("kd_gx", mc.shape, work))
+        neg_resid = np.multiply(mc, g_col[:, None], out=tmp.get("kd_resid", mc.shape, work))
         neg_resid -= gx                                           # -sum_i G_ik (xc_i - mc_k)
         if need_dmu:
             np.multiply(neg_resid, iv, out=dmu)
