@@ -26,8 +26,11 @@ of one forward+backward of each provider in a fresh child process (``VmHWM`` of
 ``/proc/self/status`` after resetting it, minus ``VmRSS`` with the inputs in place).
 
 MXNet's operators run on every core: ``OMP_NUM_THREADS`` is set to ``--omp-threads`` (default: the
-number of cores) before MXNet is imported; when it is not, the script runs itself again in a child
-process with it set. The setting, the BLAS and OpenMP libraries with their thread counts, the
+number of cores), and ``OMP_WAIT_POLICY`` to ``--omp-wait-policy`` (default PASSIVE: MXNet's idle
+OpenMP threads otherwise spin on the cores that the next operator needs, which measured here
+doubles the op's time between MXNet operators and leaves MXNet's own peers unchanged), before
+MXNet is imported; when they are not, the script runs itself again in a child process with them
+set. The setting, the BLAS and OpenMP libraries with their thread counts, the
 machine, the versions and the git sha are recorded in the JSON.
 
     python benchmarks/bench_cpu.py                   # the issue's sizes -> benchmarks/out/cpu.json
@@ -70,8 +73,10 @@ STOCK = ("mx_dot", "mx_dot_hybrid", "mx_fc", "mx_fc_hybrid")
 DEFAULT_SIZES = "256x10x2,128x100x384,256x1000x128,512x10000x512"
 DEFAULT_MEMORY_SIZES = "1024x10000x256"
 # Environment variables that change CPU timings without changing code; recorded. Only
-# OMP_NUM_THREADS is set here (MXNet's operator threads); the BLAS workarounds stay as given.
+# OMP_NUM_THREADS and OMP_WAIT_POLICY are set here (MXNet's operator threads); the BLAS
+# workarounds stay as given.
 ENV_NAMES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+             "OMP_WAIT_POLICY",
              "MKL_NUM_THREADS", "MXNET_ENGINE_TYPE", "MXNET_CPU_WORKER_NTHREADS",
              "MXNET_OMP_MAX_THREADS")
 NAMES = ("logits", "lkd", "grad_x", "grad_mean", "grad_log_var")
@@ -436,7 +441,8 @@ def memory_child(name, size, seed, headroom_bytes=None):
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     result = {"provider": name, "size": common.size_label(size),
               "address_space_limit_bytes": limit,
-              "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+              "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+              "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
     try:
         make_provider(name, common.make_inputs(8, 3, 2, seed), options(3)).step()
         provider = make_provider(name, common.make_inputs(*size, seed), options(size[1]))
@@ -492,7 +498,8 @@ def peak_memory(name, size, seed, headroom_bytes=None, omp_threads=None):
 def thread_record():
     """OMP_NUM_THREADS and every BLAS / OpenMP library loaded (MXNet's and NumPy's), with its
     thread count, from threadpoolctl."""
-    record = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count()}
+    record = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+              "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "cpu_count": os.cpu_count()}
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
@@ -583,6 +590,10 @@ def parse_args(argv=None):
     parser.add_argument("--omp-threads", type=int, default=os.cpu_count(),
                         help="OMP_NUM_THREADS for MXNet's operators (default: the number of "
                              "cores, %(default)s)")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE"),
+                        help="OMP_WAIT_POLICY for MXNet's operator threads (default %(default)s: "
+                             "idle threads sleep instead of spinning on the cores that the next "
+                             "operator, MXNet's or a Python one's BLAS, needs)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"),
                         help="folder for cpu.json and cpu.csv (default benchmarks/out, "
                              "git-ignored; the recorded results are benchmarks/results)")
@@ -614,10 +625,10 @@ def _rerun_with_threads(args, argv):
     """MXNet reads OMP_NUM_THREADS once, when it loads: unless it is set to --omp-threads and
     MXNet is not loaded yet, run this script again in a child process with it set. Returns the
     child's exit code, or None when this process can go on."""
-    wanted = str(args.omp_threads)
-    if os.environ.get("OMP_NUM_THREADS") == wanted and "mxnet" not in sys.modules:
+    wanted = {"OMP_NUM_THREADS": str(args.omp_threads), "OMP_WAIT_POLICY": args.omp_wait_policy}
+    if all(os.environ.get(k) == v for k, v in wanted.items()) and "mxnet" not in sys.modules:
         return None
-    env = dict(os.environ, OMP_NUM_THREADS=wanted)
+    env = dict(os.environ, **wanted)
     argv = sys.argv[1:] if argv is None else list(argv)
     return subprocess.call([sys.executable, str(Path(__file__).resolve()), *argv], env=env)
 

@@ -106,6 +106,8 @@ def _machine(record):
     text += f", Python {v['python']}, MXNet {v['mxnet']}, NumPy {v['numpy']}"
     threads = record["threads"]
     text += f"; OMP_NUM_THREADS={threads['OMP_NUM_THREADS']}"
+    if threads.get("OMP_WAIT_POLICY"):
+        text += f", OMP_WAIT_POLICY={threads['OMP_WAIT_POLICY']}"
     blas = []
     for lib in threads.get("libraries") or []:
         owner = BLAS_OWNERS.get(lib["file"].split("/")[0])
