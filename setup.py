@@ -6,8 +6,9 @@ from setuptools import setup
 CUDA_RUNTIME = ["cupy-cuda12x==13.6.0", "nvidia-cuda-nvrtc-cu12>=12.0,<13"]
 CUDA11_RUNTIME = ["cupy-cuda11x==13.6.0", "nvidia-cuda-nvrtc-cu11>=11.2,<12"]
 DEMO = ["mlxtend>=0.23", "scikit-learn>=1.0", "matplotlib>=3.7", "tqdm>=4.60"]
-# cuobjdump for benchmarks/sass_report.py, which the tests run (no GPU needed)
-SASS_TOOLS = ["nvidia-cuda-cuobjdump>=13.0,<14"]
+# cuobjdump (and the nvdisasm it runs) for benchmarks/sass_report.py, which the tests run (no GPU
+# needed)
+SASS_TOOLS = ["nvidia-cuda-cuobjdump>=13.0,<14", "nvidia-cuda-nvdisasm>=13.0,<14"]
 # lgm_op.torch: PyTorch's CPU build, pinned to its file (the plain version on PyPI is the CUDA
 # build of several GB; on a GPU machine install the matching CUDA build of torch instead)
 TORCH = ["torch==2.13.0+cpu"]
