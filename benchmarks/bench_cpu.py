@@ -336,21 +336,26 @@ def ratio_stats(numerator, denominator):
 # ---------------------------------------------------------------------------------------------
 # one size
 
-def bench_size(size, args):
-    """Reference, checks, interleaved timings of every provider at one size: the result record."""
+def start_size(size, args, options):
+    """(label, options, inputs, record, expected): one size's inputs, its record with the float64
+    reference's provenance, and the reference's results the providers are checked against."""
     n, k, d = size
     label = common.size_label(size)
     opts = options(k)
     inputs = common.make_inputs(n, k, d, args.seed)
     record = {"size": {"n": n, "k": k, "d": d}, "label": label, "providers": {}}
-
     print(f"[{label}] float64 reference ...", flush=True)
     start = time.perf_counter()
     expected, rows = reference_results(inputs, opts)
     record["reference"] = {"implementation": "lgm_op.reference.numpy_forward/numpy_grads",
                            "dtype": "float64", "rows_per_chunk": rows,
                            "seconds": time.perf_counter() - start}
+    return label, opts, inputs, record, expected
 
+
+def bench_size(size, args):
+    """Reference, checks, interleaved timings of every provider at one size: the result record."""
+    label, opts, inputs, record, expected = start_size(size, args, options)
     ready = {}
     for name in args.providers:
         title, kind = PROVIDERS[name]

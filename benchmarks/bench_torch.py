@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_cpu import (  # noqa: E402
-    NAMES, failure_status, reference_results, thread_record, time_in_rounds)
+    NAMES, failure_status, start_size, thread_record, time_in_rounds)
 from benchmarks.bench_gpu import make_torch_loss  # noqa: E402
 
 OP = "op"
@@ -168,18 +168,7 @@ def options(num_classes):
 
 def bench_size(size, args):
     """Reference, checks, compile times and interleaved timings at one size: the result record."""
-    n, k, d = size
-    label = common.size_label(size)
-    opts = options(k)
-    inputs = common.make_inputs(n, k, d, args.seed)
-    record = {"size": {"n": n, "k": k, "d": d}, "label": label, "providers": {}}
-
-    print(f"[{label}] float64 reference ...", flush=True)
-    start = time.perf_counter()
-    expected, rows = reference_results(inputs, opts)
-    record["reference"] = {"implementation": "lgm_op.reference.numpy_forward/numpy_grads",
-                           "dtype": "float64", "rows_per_chunk": rows,
-                           "seconds": time.perf_counter() - start}
+    label, opts, inputs, record, expected = start_size(size, args, options)
     ready = {}
     for name in args.providers:
         entry = {"label": PROVIDERS[name][0], "estimated_bytes": estimated_bytes(name, size),
