@@ -180,17 +180,22 @@ class _Classes:
         """(M,) float64 half distances 0.5 * sum_j (x_ij - mu_kj)^2 iv_kj for entries (rows, cols),
         from the unshifted inputs, in chunks."""
         out = np.empty(rows.size, np.float64)
+        for part, _, _, diff, iv in self.direct_chunks(x, rows, cols):
+            diff *= diff
+            if iv.shape[1] == 1:
+                out[part] = 0.5 * diff.sum(axis=1) * iv[:, 0]
+            else:
+                out[part] = 0.5 * np.einsum("mj,mj->m", diff, iv)
+        return out
+
+    def direct_chunks(self, x, rows, cols):
+        """Chunks of entries (rows, cols): (slice of the entries, rows, cols, (M, D) float64
+        x_i - mu_k from the unshifted inputs, (M, D) or (M, 1) float64 inverse variances)."""
         step = max(1, _DIRECT_CHUNK // x.shape[1])
         for lo in range(0, rows.size, step):
-            r, k = rows[lo:lo + step], cols[lo:lo + step]
-            diff = x[r].astype(np.float64) - self.mu[k].astype(np.float64)
-            diff *= diff
-            iv = self.iv64(k)
-            if iv.shape[1] == 1:
-                out[lo:lo + step] = 0.5 * diff.sum(axis=1) * iv[:, 0]
-            else:
-                out[lo:lo + step] = 0.5 * np.einsum("mj,mj->m", diff, iv)
-        return out
+            part = slice(lo, lo + step)
+            r, k = rows[part], cols[part]
+            yield part, r, k, x[r].astype(np.float64) - self.mu[k].astype(np.float64), self.iv64(k)
 
     def iv64(self, cols):
         """(M, D) or (M, 1) float64 inverse variances of the classes ``cols`` (exp in float64
@@ -475,12 +480,8 @@ def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, trainin
             ds += g_log_det[:, None].astype(dtype)
 
     # 4. the direct entries' contributions, in float64, added once per output row
-    step = max(1, _DIRECT_CHUNK // dim)
-    for lo in range(0, rows.size, step):
-        r, c, gd = rows[lo:lo + step], cols[lo:lo + step], g_direct[lo:lo + step, None]
-        diff = x[r].astype(np.float64) - classes.mu[c].astype(np.float64)
-        wiv = gd * classes.iv64(c)
-        w = wiv * diff
+    for part, r, c, diff, iv_direct in classes.direct_chunks(x, rows, cols):
+        w = g_direct[part, None] * iv_direct * diff
         if need_dx:
             _add_segments(r, (dx, w))
         by_class = []

@@ -132,13 +132,13 @@ class _Target:
     """Where a result goes: ``buffer`` is MXNet's own output memory (req write / inplace), a
     temporary added to it at the end (req add), or None (req null)."""
 
-    def __init__(self, view, req):
+    def __init__(self, view, req, xp):
         self.view = view
         self.req = req
         if req == "null":
             self.buffer = None
-        elif req == "add":
-            self.buffer = view.copy()
+        elif req == "add":  # the computation writes every entry: no need to copy the old ones
+            self.buffer = xp.empty_like(view)
         else:
             self.buffer = view
 
@@ -170,10 +170,10 @@ class _Arrays:
 
     def target(self, nd, req):
         if req == "null":
-            return _Target(None, req)
+            return _Target(None, req, self.xp)
         if self.backend == "gpu":
-            return _Target(self.xp.from_dlpack(nd.to_dlpack_for_write()), req)
-        return _Target(_host_view(nd), req)
+            return _Target(self.xp.from_dlpack(nd.to_dlpack_for_write()), req, self.xp)
+        return _Target(_host_view(nd), req, self.xp)
 
     def finish(self, targets):
         for t in targets:
