@@ -122,10 +122,15 @@ def test_pending_lgm_work_exits_cleanly_20_runs(tmp_path):
         assert "terminate called" not in err and "Error" not in err, f"run {i}:\n{err[-3000:]}"
 
 
+@pytest.mark.skipif(os.environ.get("LGM_OP_SHOW_MXNET_EXIT_RACE") != "1",
+                    reason="MXNet's own exit race shows on some machines and loads and not on "
+                           "others (6 clean exits in a row seen): opt in with "
+                           "LGM_OP_SHOW_MXNET_EXIT_RACE=1")
 def test_stock_custom_op_alone_does_not_exit_cleanly_mxnet_behaviour(tmp_path):
     """MXNet 1.9.1's own behaviour, which lgm_op cannot change, only prevent (next test). It is a
-    race: most runs abort or hang, some exit cleanly, so up to 6 runs are tried for one that
-    shows it (each clean run is printed); every run must reach the end of the script."""
+    race: most runs abort or hang where it shows, some exit cleanly, so up to 6 runs are tried
+    for one that shows it (each clean run is printed); every run must reach the end of the
+    script."""
     statuses = []
     for _ in range(6):
         status, out, err = run_script(tmp_path, PENDING_STOCK)
