@@ -26,7 +26,7 @@ setup(
     packages=["lgm_op", "lgm_op.cudasim", "lgm_op.demo", "lgm_op.kernels"],
     package_dir={"lgm_op.kernels": "kernels"},
     package_data={
-        "lgm_op.kernels": ["*.cu", "*.cuh"],
+        "lgm_op.kernels": ["*.cu", "*.cuh", "*.cpp"],
         "lgm_op.cudasim": ["*.h"],
     },
     install_requires=["mxnet==1.9.1", "numpy<1.24"],

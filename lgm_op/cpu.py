@@ -29,7 +29,8 @@ import threading
 
 import numpy as np
 
-from .checks import validate_labels_numpy
+from . import cpu_kernels
+from .checks import check_float_dtype, validate_labels_numpy
 
 __all__ = ["lgm_forward_cpu", "lgm_backward_cpu", "CPUState", "clamp_log_var"]
 
@@ -266,28 +267,36 @@ def _same_bytes(a, b):
         a.ctypes.data, b.ctypes.data, a.nbytes) == 0)
 
 
-def _prepare(x, mu, log_var, opts, tmp, state=None, reuse=False):
-    """x, its dtype, the per-class operands, the shifted features, their squared norms and the
-    rows that are not finite. With ``state``: saved for a backward (``reuse=False``, forward), or
-    taken from it when the inputs are byte-for-byte those of its forward (``reuse=True``); else
-    in the call's buffers ``tmp``."""
-    x, mu, log_var = (np.ascontiguousarray(a) for a in (x, mu, log_var))
-    key = (opts.logvar_min, opts.logvar_max, opts.isotropic)
+def _prepare(x, mu, log_var, opts, tmp, state=None, reuse=False, build=None):
+    """x, mu, log_var as C-contiguous arrays of x's dtype, and the operands ``build(x, mu,
+    log_var, opts, pool)`` makes of them (a tuple). With ``state``: saved for a backward
+    (``reuse=False``, forward), or taken from it when the inputs are byte-for-byte those of its
+    forward and it was built the same way (``reuse=True``); else built in the call's buffers
+    ``tmp``."""
+    dtype = check_float_dtype("data", np.asarray(x).dtype)
+    x, mu, log_var = (np.ascontiguousarray(a, dtype=dtype) for a in (x, mu, log_var))
+    key = (build, opts.logvar_min, opts.logvar_max, opts.isotropic)
     if reuse and state is not None and state.key == key and all(
             _same_bytes(a, b) for a, b in zip((x, mu, log_var), state.inputs)):
-        classes = state.saved[0]
-        classes.mu, classes.log_var = mu, log_var     # the same bytes, in this call's arrays
-        return (x, x.dtype) + state.saved
+        saved = state.saved
+        if isinstance(saved[0], _Classes):   # the same bytes, in this call's arrays
+            saved[0].mu, saved[0].log_var = mu, log_var
+        return (x, mu, log_var) + saved
     # a forward keeps its operands in the state's own buffers (they must outlive the call)
     keep = state is not None and not reuse
     pool = state.pool if keep else tmp
-    classes = _Classes(mu, log_var, opts, x.dtype, pool)
-    saved = (classes,) + _shifted_features(x, classes, pool)
+    saved = build(x, mu, log_var, opts, pool)
     if keep:
         state.key, state.saved = key, saved
         state.inputs = tuple(pool.copy(name, a) for name, a in
                              zip(("in_x", "in_mu", "in_s"), (x, mu, log_var)))
-    return (x, x.dtype) + saved
+    return (x, mu, log_var) + saved
+
+
+def _numpy_operands(x, mu, log_var, opts, pool):
+    """The NumPy path's operands: (classes, shifted features, their norms, rows not finite)."""
+    classes = _Classes(mu, log_var, opts, x.dtype, pool)
+    return (classes,) + _shifted_features(x, classes, pool)
 
 
 def _expanded_distances(xc, norm, classes, tau, out, tmp):
@@ -338,7 +347,15 @@ def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None,
     tmp: the call's work buffers, supplied by the entry point (not an argument for callers).
     Returns logits: (N, K) and lkd: (N,), in the dtype of x.
     """
-    x, dtype, classes, xc, norm, bad_rows = _prepare(x, mu, log_var, opts, tmp, state)
+    lib = cpu_kernels.kernels()
+    forward = _forward_numpy if lib is None else functools.partial(_forward_compiled, lib)
+    return forward(x, label, mu, log_var, opts, training, out, state, tmp)
+
+
+def _forward_numpy(x, label, mu, log_var, opts, training, out, state, tmp):
+    x, mu, log_var, classes, xc, norm, bad_rows = _prepare(x, mu, log_var, opts, tmp, state,
+                                                           build=_numpy_operands)
+    dtype = x.dtype
     n, k = x.shape[0], opts.num_classes
     y = None if label is None else validate_labels_numpy(label, k)
     logits, lkd = (None, None) if out is None else out
@@ -413,12 +430,21 @@ def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, trainin
     Returns dx: (N, D), dmu: (K, D), dlog_var: shaped like log_var, in the dtype of x (None for
     a gradient that is not needed).
     """
-    need_dx, need_dmu, need_ds = need
     out = (None, None, None) if out is None else out
-    if not (need_dx or need_dmu or need_ds):
+    if not any(need):
         return None, None, None
-    x, dtype, classes, xc, norm, bad_rows = _prepare(x, mu, log_var, opts, tmp, state,
-                                                     reuse=True)
+    lib = cpu_kernels.kernels()
+    backward = _backward_numpy if lib is None else functools.partial(_backward_compiled, lib)
+    return backward(x, label, mu, log_var, grad_logits, grad_lkd, opts, training, tuple(need),
+                    out, state, tmp)
+
+
+def _backward_numpy(x, label, mu, log_var, grad_logits, grad_lkd, opts, training, need, out,
+                    state, tmp):
+    need_dx, need_dmu, need_ds = need
+    x, mu, log_var, classes, xc, norm, bad_rows = _prepare(x, mu, log_var, opts, tmp, state,
+                                                           reuse=True, build=_numpy_operands)
+    dtype = x.dtype
     k = opts.num_classes
     y = validate_labels_numpy(label, k)
     n, dim = x.shape
@@ -498,3 +524,167 @@ def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, trainin
 
 def _buffer(given, shape, dtype):
     return np.empty(shape, dtype) if given is None else given
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled passes (kernels/lgm_cpu.cpp): the same math as the NumPy path above, with every
+# pass outside the matrix products fused and run on every core
+
+def _address(a):
+    return None if a is None else a.ctypes.data
+
+
+def _check_arrays(opts, x, label, mu, log_var, **others):
+    """The compiled passes index raw memory: every array must have exactly its shape."""
+    n, d = x.shape if x.ndim == 2 else (None, None)
+    k = opts.num_classes
+    wanted = {"data": (x, (n, d)), "mean": (mu, (k, d)),
+              "log_var": (log_var, (k, 1 if opts.isotropic else d)),
+              "label": (label, (n,)), "grad_logits": (others.get("grad_logits"), (n, k)),
+              "grad_lkd": (others.get("grad_lkd"), (n,)), "out logits": (others.get("logits"), (n, k)),
+              "out lkd": (others.get("lkd"), (n,)), "out dx": (others.get("dx"), (n, d)),
+              "out dmu": (others.get("dmu"), (k, d)),
+              "out dlog_var": (others.get("ds"), (k, 1 if opts.isotropic else d))}
+    if x.ndim != 2:
+        raise ValueError(f"lgm: data must be 2-D (N, D), got shape {x.shape}")
+    for name, (array, shape) in wanted.items():
+        if array is not None and array.shape != shape:
+            raise ValueError(f"lgm: {name} must have shape {shape}, got {array.shape}")
+    for name in ("logits", "lkd", "dx", "dmu", "ds"):
+        array = others.get(name)
+        if array is not None and (array.dtype != x.dtype or not array.flags.c_contiguous or
+                                  not array.flags.writeable):
+            raise ValueError(f"lgm: out {name} must be a writeable C-contiguous {x.dtype.name} "
+                             f"array")
+
+
+class _CompiledOperands:
+    """The compiled passes' operands of one (x, mu, log_var), shared by forward and backward.
+
+    shift: (D,) the centroid; xcx: (N, D + sd) [xc | xc^2] (isotropic: [xc | |xc|^2]) of the
+    shifted features, bad rows zeroed; norm: (N,) |xc|^2; bad_row: (N,) uint8; c: (K, sd) the
+    clamped log-variances; iv: (K, sd) exp(-c); ivm: (K, sd + D) [iv | mc iv], bad classes
+    zeroed; mc: (K, D) shifted means; sq: (K,) sum_j mc^2 iv; half_log_det: (K,);
+    bad_class: (K,) uint8. sd is D, or 1 when isotropic.
+    """
+
+    def __init__(self, lib, x, mu, log_var, opts, pool):
+        dtype = x.dtype
+        (n, d), k, sd = x.shape, mu.shape[0], log_var.shape[1]
+        self.shift = pool.get("shift", (d,), dtype)
+        self.xcx = pool.get("xcx", (n, d + sd), dtype)
+        self.norm = pool.get("norm", (n,), dtype)
+        self.bad_row = pool.get("bad_row", (n,), np.uint8)
+        lib.call("prepare_features", dtype, _address(x), _address(mu), n, k, d, sd,
+                 opts.logvar_min, _address(self.shift), _address(self.xcx), _address(self.norm),
+                 _address(self.bad_row))
+        self.c = pool.get("c", (k, sd), dtype)
+        self.iv = pool.get("iv", (k, sd), dtype)
+        lib.call("clamp_log_var", dtype, _address(log_var), k * sd, opts.logvar_min,
+                 opts.logvar_max, _address(self.c), _address(self.iv))
+        np.exp(self.iv, out=self.iv)                      # NumPy's exp is vectorised
+        self.ivm = pool.get("ivm", (k, sd + d), dtype)
+        self.mc = pool.get("mc", (k, d), dtype)
+        self.sq = pool.get("sq", (k,), dtype)
+        self.half_log_det = pool.get("half_log_det", (k,), dtype)
+        self.bad_class = pool.get("bad_class", (k,), np.uint8)
+        # float32: the float64 inverse variances of the classes that have direct entries,
+        # computed by the passes on first use (float64 inputs have them in iv)
+        self.iv_cache = pool.get("iv_cache", (k, sd), np.float64) if dtype == np.float32 else None
+        self.iv_ready = pool.get("iv_ready", (k,), np.uint8)
+        lib.call("prepare_classes", dtype, _address(mu), _address(self.c), _address(self.iv),
+                 _address(self.shift), n, k, d, sd, _address(self.ivm), _address(self.mc),
+                 _address(self.sq), _address(self.half_log_det), _address(self.bad_class),
+                 _address(self.iv_ready))
+        self.logvar_bounds = (opts.logvar_min, opts.logvar_max)
+
+    def inverse_variances(self, log_var):
+        """The arguments that give the passes the direct entries' inverse variances."""
+        return (_address(log_var), _address(self.iv)) + self.logvar_bounds + (
+            _address(self.iv_cache), _address(self.iv_ready))
+
+
+@functools.lru_cache(maxsize=None)
+def _builder(lib):
+    """One builder per module, so a state's key tells which operands it holds."""
+    def build(x, mu, log_var, opts, pool):
+        return (_CompiledOperands(lib, x, mu, log_var, opts, pool),)
+    return build
+
+
+def _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tmp):
+    x, mu, log_var, ops = _prepare(x, mu, log_var, opts, tmp, state, build=_builder(lib))
+    dtype = x.dtype
+    (n, d), k, sd = x.shape, opts.num_classes, log_var.shape[1]
+    y = None if label is None else validate_labels_numpy(label, k)
+    logits, lkd = (None, None) if out is None else out
+    _check_arrays(opts, x, y, mu, log_var, logits=logits, lkd=lkd)
+    logits = np.empty((n, k), dtype) if logits is None else logits
+    lkd = np.empty(n, dtype) if lkd is None else lkd
+    # 1. A = (xc^2) iv^T into the logits, S = xc (mc iv)^T (isotropic: A = |xc|^2 iv, in the pass)
+    if not opts.isotropic:
+        np.matmul(ops.xcx[:, d:], ops.ivm[:, :sd].T, out=logits)
+    s_mciv = tmp.get("nk", (n, k), dtype)
+    np.matmul(ops.xcx[:, :d], ops.ivm[:, sd:].T, out=s_mciv)
+    # 2. the logits from the expansion, the entries it cannot give directly, lkd
+    alpha = opts.margin(training) if y is not None else 0.0
+    lib.call("forward_epilogue", dtype, _address(x), _address(y), _address(mu),
+             *ops.inverse_variances(log_var), n, k, d, sd, _address(s_mciv), _address(ops.norm),
+             _address(ops.sq), _address(ops.half_log_det), _address(ops.bad_row),
+             _address(ops.bad_class), alpha, 1.0 / _TAU[dtype], int(opts.logdet_logits),
+             int(opts.logdet_lkd), _address(logits), _address(lkd))
+    return logits, lkd
+
+
+def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, training, need,
+                       out, state, tmp):
+    need_dx, need_dmu, need_ds = need
+    x, mu, log_var, ops = _prepare(x, mu, log_var, opts, tmp, state, reuse=True,
+                                   build=_builder(lib))
+    dtype = x.dtype
+    (n, d), k, sd = x.shape, opts.num_classes, log_var.shape[1]
+    y = validate_labels_numpy(label, k)
+    gz = np.ascontiguousarray(grad_logits, dtype=dtype)
+    gl = np.ascontiguousarray(grad_lkd, dtype=dtype)
+    dx = _buffer(out[0], (n, d), dtype) if need_dx else None
+    dmu = _buffer(out[1], (k, d), dtype) if need_dmu else None
+    ds = _buffer(out[2], log_var.shape, dtype) if need_ds else None
+    _check_arrays(opts, x, y, mu, log_var, grad_logits=gz, grad_lkd=gl, dx=dx, dmu=dmu, ds=ds)
+    work = np.dtype(np.float64) if d < _WIDE_BACKWARD_DIM else dtype
+
+    # 1. G = dL/dd with the direct entries (label column, bad rows and classes) taken out
+    row_start = tmp.get("row_start", (n + 1,), np.int64)
+    lib.row_starts(_address(y), _address(ops.bad_row), _address(ops.bad_class), n, k,
+                   _address(row_start))
+    entries = int(row_start[n])
+    entry_class = tmp.get("entry_class", (entries,), np.int64)
+    entry_weight = tmp.get("entry_weight", (entries,), np.float64)
+    g = tmp.get("nk", (n, k), work)
+    g_col = tmp.get("g_col", (k,), np.float64)
+    gz_col = tmp.get("gz_col", (k,), np.float64)
+    lib.call("backward_weights", (dtype, work), _address(gz), _address(gl), _address(y), n, k, d,
+             sd, _address(ops.bad_row), _address(ops.bad_class), opts.margin(training),
+             _address(row_start), _address(g), _address(entry_class), _address(entry_weight),
+             _address(g_col), _address(gz_col))
+
+    # 2. dx = xc * (G iv) - G (mc iv) + the direct entries, from one product G [iv | mc iv]
+    if need_dx:
+        pq = tmp.get("pq", (n, sd + d), work)
+        np.matmul(g, ops.ivm.astype(work, copy=False), out=pq)
+        lib.call("backward_features", (dtype, work), _address(x), _address(mu),
+                 *ops.inverse_variances(log_var), n, k, d, sd, _address(ops.xcx), _address(pq),
+                 _address(row_start), _address(entry_class), _address(entry_weight),
+                 _address(dx))
+
+    # 3. dmu and dlog_var from one product G^T [xc | xc^2] (its second half only for dlog_var)
+    if need_dmu or need_ds:
+        width = d + sd if need_ds else d
+        gx = tmp.get("gx", (k, width), work)
+        np.matmul(g.T, ops.xcx[:, :width].astype(work, copy=False), out=gx)
+        lib.call("backward_classes", (dtype, work), _address(x), _address(y), _address(mu),
+                 *ops.inverse_variances(log_var), _address(gl), n, k, d, sd, _address(ops.c),
+                 _address(ops.ivm), _address(ops.mc), _address(gx), width, _address(g_col),
+                 _address(gz_col), _address(row_start), _address(entry_class),
+                 _address(entry_weight), int(opts.logdet_logits), int(opts.logdet_lkd),
+                 int(need_dmu), int(need_ds), _address(dmu), _address(ds))
+    return dx, dmu, ds

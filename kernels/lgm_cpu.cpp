@@ -1,0 +1,571 @@
+// The CPU path's passes outside the matrix products (SPEC sections 1-2), multi-threaded with
+// OpenMP, framework-free: plain arrays in, plain arrays out. lgm_op/cpu_native.py builds this
+// file with g++ and runs the matrix products through NumPy's BLAS between these passes:
+//
+//   prepare_features, clamp_log_var  ->  (NumPy) iv = exp(-c)  ->  prepare_classes
+//   forward:   (BLAS) A = x^2 iv^T, S = x (mu iv)^T  ->  forward_epilogue
+//   backward:  backward_weights  ->  (BLAS) [P | Q] = G [iv | mu iv], [GX | GX2] = G^T [x | x^2]
+//              ->  backward_features (dx), backward_classes (dmu, dlog_var)
+//
+// Everything is on operands shifted by a centroid of the class means (cpu.py explains why), and
+// the entries the expansion cannot give exactly (the label column, an entry whose expansion may
+// have cancelled, rows and classes that are not finite) are computed directly in double from
+// the unshifted inputs. Each function is a template over the storage type T (and the backward's
+// work type W of the matrix products) exported per type by LGM_EXPORT_* at the end.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <omp.h>
+
+typedef int64_t i64;
+
+#define LGM_API __attribute__((visibility("default")))
+
+namespace {
+
+// Below this many multiply-adds a pass runs on the calling thread: waking sleeping OpenMP
+// workers costs more than the pass.
+const i64 kParallelWork = 1 << 15;
+// The centroid is the mean of at most this many evenly spaced class means (cpu.py: _centroid).
+const i64 kCentroidRows = 63;
+
+inline bool parallel_for(i64 work) { return work >= kParallelWork; }
+
+inline double clamp(double v, double lo, double hi) {
+    return v != v ? v : std::min(std::max(v, lo), hi);     // NaN stays NaN
+}
+
+struct Shape {
+    i64 n, k, d;
+    i64 sd;        // columns of log_var: d (diagonal) or 1 (isotropic)
+};
+
+// The inverse variances in double, exp(-clip(s)), as the float64 answer has them, for the entries
+// computed directly. float64 inputs have them already (iv); for float32 a class's row is computed
+// on first use, by one thread (the others wait for it), and kept in cache (K, sd) for the rest of
+// the step (ready: (K,) 0 = not computed, 1 = being computed, 2 = ready).
+template <typename T>
+struct InverseVariances {
+    const T* s;
+    const T* iv;
+    i64 sd;
+    double lo, hi;
+    double* cache;
+    uint8_t* ready;
+
+    const double* row(i64 k) const;
+};
+
+template <>
+inline const double* InverseVariances<double>::row(i64 k) const { return iv + k * sd; }
+
+template <>
+inline const double* InverseVariances<float>::row(i64 k) const {
+    double* out = cache + k * sd;
+    uint8_t state = __atomic_load_n(ready + k, __ATOMIC_ACQUIRE);
+    if (state == 2) return out;
+    uint8_t expected = 0;
+    if (__atomic_compare_exchange_n(ready + k, &expected, uint8_t(1), false, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE)) {
+        const float* sk = s + k * sd;
+        for (i64 j = 0; j < sd; ++j) {
+            double v = double(sk[j]);
+            out[j] = std::exp(-(v != v ? v : std::min(std::max(v, lo), hi)));
+        }
+        __atomic_store_n(ready + k, uint8_t(2), __ATOMIC_RELEASE);
+        return out;
+    }
+    while (__atomic_load_n(ready + k, __ATOMIC_ACQUIRE) != 2) {
+    }
+    return out;
+}
+
+// Half the squared Mahalanobis distance of entry (i, k), directly, in double.
+template <typename T>
+double direct_half_distance(const T* x, const T* mu, const InverseVariances<T>& ivs,
+                            const Shape& sh, i64 i, i64 k) {
+    const T* xi = x + i * sh.d;
+    const T* mk = mu + k * sh.d;
+    const double* iv = ivs.row(k);
+    double acc = 0;
+    if (sh.sd == 1) {
+        for (i64 j = 0; j < sh.d; ++j) {
+            double diff = double(xi[j]) - double(mk[j]);
+            acc += diff * diff;
+        }
+        return 0.5 * acc * iv[0];
+    }
+    for (i64 j = 0; j < sh.d; ++j) {
+        double diff = double(xi[j]) - double(mk[j]);
+        acc += diff * diff * iv[j];
+    }
+    return 0.5 * acc;
+}
+
+// 1. shift: (D,) the mean of the sampled class means that are finite and not far beyond the
+// typical one (max |mu_kj| at most 16x the median of those maxima); zeros if none is finite.
+template <typename T>
+void centroid(const T* mu, const Shape& sh, T* shift) {
+    i64 m = std::min(sh.k, kCentroidRows);
+    std::vector<i64> rows(m);
+    double step = m > 1 ? double(sh.k - 1) / double(m - 1) : 0.0;
+    for (i64 r = 0; r < m; ++r)
+        rows[r] = sh.k <= kCentroidRows ? r : (r == m - 1 ? sh.k - 1 : i64(r * step));
+    std::vector<T> size(m);
+    std::vector<T> finite;
+    for (i64 r = 0; r < m; ++r) {
+        const T* row = mu + rows[r] * sh.d;
+        T top = 0;
+        bool nan = false;
+        for (i64 j = 0; j < sh.d; ++j) {
+            T a = std::fabs(row[j]);
+            nan |= a != a;
+            top = std::max(top, a);
+        }
+        size[r] = nan ? std::numeric_limits<T>::quiet_NaN() : top;
+        if (std::isfinite(size[r])) finite.push_back(size[r]);
+    }
+    std::fill(shift, shift + sh.d, T(0));
+    if (finite.empty()) return;
+    std::sort(finite.begin(), finite.end());
+    i64 f = i64(finite.size());
+    T median = f % 2 ? finite[f / 2] : T((finite[f / 2 - 1] + finite[f / 2]) / T(2));
+    T limit = T(16) * median;
+    std::vector<double> sum(sh.d, 0.0);
+    i64 kept = 0;
+    for (i64 r = 0; r < m; ++r) {
+        if (!(std::isfinite(size[r]) && size[r] <= limit)) continue;
+        const T* row = mu + rows[r] * sh.d;
+        for (i64 j = 0; j < sh.d; ++j) sum[j] += double(row[j]);
+        ++kept;
+    }
+    for (i64 j = 0; j < sh.d; ++j) shift[j] = T(sum[j] / double(kept));
+}
+
+// 2. xcx: (N, D + sd) = [xc | xc^2] (diagonal) or [xc | |xc|^2] (isotropic), xc = x - shift;
+// norm: (N,) |xc|^2; bad_row: (N,) 1 where the row is not finite or its squares could overflow in
+// the products (no inverse variance exceeds exp(-logvar_min)); such rows are zeroed.
+template <typename T>
+void prepare_features(const T* x, const T* mu, const Shape& sh, double logvar_min, T* shift,
+                      T* xcx, T* norm, uint8_t* bad_row) {
+    centroid(mu, sh, shift);
+    const i64 width = sh.d + sh.sd;
+    const double biggest_iv = std::exp(-logvar_min);
+#pragma omp parallel for schedule(static) if (parallel_for(sh.n * sh.d))
+    for (i64 i = 0; i < sh.n; ++i) {
+        const T* xi = x + i * sh.d;
+        T* xc = xcx + i * width;
+        double acc = 0;
+        for (i64 j = 0; j < sh.d; ++j) {
+            T v = xi[j] - shift[j];
+            xc[j] = v;
+            acc += double(v) * double(v);
+        }
+        T nrm = T(acc);
+        bool bad = !std::isfinite(double(nrm) * biggest_iv);
+        bad_row[i] = bad;
+        if (bad) {
+            std::fill(xc, xc + width, T(0));
+            norm[i] = 0;
+            continue;
+        }
+        norm[i] = nrm;
+        if (sh.sd == 1) {
+            xc[sh.d] = nrm;
+        } else {
+            for (i64 j = 0; j < sh.d; ++j) xc[sh.d + j] = xc[j] * xc[j];
+        }
+    }
+}
+
+// 3. c = clip(s, logvar_min, logvar_max), NaN kept, and -c (for NumPy's vectorised exp): (K, sd).
+template <typename T>
+void clamp_log_var(const T* s, i64 count, double lo, double hi, T* c, T* neg_c) {
+    const T tlo = T(lo), thi = T(hi);
+#pragma omp parallel for schedule(static) if (parallel_for(count))
+    for (i64 e = 0; e < count; ++e) {
+        T v = s[e];
+        T clamped = v != v ? v : std::min(std::max(v, tlo), thi);
+        c[e] = clamped;
+        neg_c[e] = -clamped;
+    }
+}
+
+// 4. Per class, from iv = exp(-c): ivm (K, sd + D) = [iv | mc iv]; mc (K, D) = mu - shift;
+// sq (K,) = sum_j mc^2 iv; half_log_det (K,) = 0.5 log|Sigma_k|. A class whose terms are not
+// finite (its mean or log-variance is not, or they overflow) is flagged in bad_class and zeroed
+// in ivm, mc and sq so the products stay finite; its entries are computed directly.
+template <typename T>
+void prepare_classes(const T* mu, const T* c, const T* iv, const T* shift, const Shape& sh,
+                     T* ivm, T* mc, T* sq, T* half_log_det, uint8_t* bad_class) {
+    const i64 width = sh.sd + sh.d;
+#pragma omp parallel for schedule(static) if (parallel_for(sh.k * sh.d))
+    for (i64 k = 0; k < sh.k; ++k) {
+        const T* mk = mu + k * sh.d;
+        const T* ivk = iv + k * sh.sd;
+        const T* ck = c + k * sh.sd;
+        T* row = ivm + k * width;
+        T* mck = mc + k * sh.d;
+        double acc = 0, log_det = 0;
+        for (i64 j = 0; j < sh.sd; ++j) {
+            row[j] = ivk[j];
+            log_det += double(ck[j]);
+        }
+        if (sh.sd == 1) log_det *= double(sh.d);
+        for (i64 j = 0; j < sh.d; ++j) {
+            T m = mk[j] - shift[j];
+            T mi = m * ivk[sh.sd == 1 ? 0 : j];
+            mck[j] = m;
+            row[sh.sd + j] = mi;
+            acc += double(m) * double(mi);
+        }
+        half_log_det[k] = T(0.5 * log_det);
+        T b = T(acc);
+        bool bad = !std::isfinite(b);
+        bad_class[k] = bad;
+        if (bad) {
+            std::fill(row, row + width, T(0));
+            std::fill(mck, mck + sh.d, T(0));
+            b = 0;
+        }
+        sq[k] = b;
+    }
+}
+
+struct ForwardOptions {
+    double alpha;          // margin (0: none)
+    double inv_tau;        // an expanded entry is kept when 2d >= (A + B) / tau
+    int logdet_logits, logdet_lkd;
+};
+
+// 5. logits (N, K) and lkd (N,). On entry logits holds A = (x^2) iv^T (diagonal; unused when
+// isotropic, where A = |x|^2 iv_k) and s_mciv holds x (mu iv)^T. label: (N,) or null (the
+// label-free form: lkd then uses the predicted class, the first largest logit).
+template <typename T>
+void forward_epilogue(const T* x, const i64* label, const T* mu,
+                      const InverseVariances<T>& ivs, const Shape& sh, const T* s_mciv, const T* norm, const T* iv, const T* sq,
+                      const T* half_log_det, const uint8_t* bad_row, const uint8_t* bad_class,
+                      ForwardOptions o, T* logits, T* lkd) {
+    const bool iso = sh.sd == 1;
+    const T inv_tau = T(o.inv_tau), minus_half = T(-0.5);
+#pragma omp parallel if (parallel_for(sh.n * sh.k))
+    {
+        std::vector<uint8_t> direct(sh.k);
+#pragma omp for schedule(static)
+        for (i64 i = 0; i < sh.n; ++i) {
+            T* row = logits + i * sh.k;
+            const T* srow = s_mciv + i * sh.k;
+            const T nrm = norm[i];
+            // (a) the expansion, and where it may have cancelled
+            for (i64 k = 0; k < sh.k; ++k) {
+                T a = iso ? nrm * iv[k] : row[k];
+                T t = a + sq[k];
+                T two_d = T(-2) * srow[k] + t;
+                direct[k] = uint8_t(!(two_d >= t * inv_tau)) | bad_class[k];
+                T value = two_d * minus_half;
+                row[k] = o.logdet_logits ? value - half_log_det[k] : value;
+            }
+            const i64 y = label ? label[i] : -1;
+            if (y >= 0) direct[y] = 1;
+            if (bad_row[i]) std::fill(direct.begin(), direct.end(), uint8_t(1));
+            // (b) those entries directly; the label's with the margin
+            double d_label = 0;
+            for (i64 k = 0; k < sh.k; ++k) {
+                if (!direct[k]) continue;
+                double d = direct_half_distance(x, mu, ivs, sh, i, k);
+                double value = (k == y ? -(1.0 + o.alpha) : -1.0) * d;
+                if (o.logdet_logits) value -= double(half_log_det[k]);
+                row[k] = T(value);
+                if (k == y) d_label = d;
+            }
+            i64 yl = y;
+            if (yl < 0) {  // label-free: the predicted class (np.argmax: the first NaN, else max)
+                yl = 0;
+                for (i64 k = 0; k < sh.k; ++k) {
+                    if (row[k] != row[k]) { yl = k; break; }
+                    if (row[k] > row[yl]) yl = k;
+                }
+                d_label = direct_half_distance(x, mu, ivs, sh, i, yl);
+            }
+            if (o.logdet_lkd) d_label += double(half_log_det[yl]);
+            lkd[i] = T(d_label);
+        }
+    }
+}
+
+// Entries that the backward takes out of G and adds directly: the label column, and every entry
+// of a bad row or class. row_start: (N + 1,) offsets of each row's entries.
+inline void direct_row_starts(const i64* label, const uint8_t* bad_row, const uint8_t* bad_class,
+                              const Shape& sh, i64* row_start) {
+    i64 bad_classes = 0;
+    for (i64 k = 0; k < sh.k; ++k) bad_classes += bad_class[k];
+    row_start[0] = 0;
+    for (i64 i = 0; i < sh.n; ++i) {
+        i64 count = bad_row[i] ? sh.k : bad_classes + (bad_class[label[i]] ? 0 : 1);
+        row_start[i + 1] = row_start[i] + count;
+    }
+}
+
+// 6. G = dL/dd (N, K) in the work type W, with the direct entries set to 0 and listed in
+// (entry_class, entry_weight) at row_start (the weight is their dL/dd, the margin and the lkd
+// gradient included); g_col (K,) the column sums of G and gz_col (K,) those of grad_logits, in
+// double.
+template <typename T, typename W>
+void backward_weights(const T* grad_logits, const T* grad_lkd, const i64* label, const Shape& sh,
+                      const uint8_t* bad_row, const uint8_t* bad_class, double alpha,
+                      const i64* row_start, W* g, i64* entry_class, double* entry_weight,
+                      double* g_col, double* gz_col) {
+    const bool parallel = parallel_for(sh.n * sh.k);
+    const int threads = parallel ? omp_get_max_threads() : 1;
+    std::vector<double> partial(size_t(threads) * 2 * sh.k, 0.0);
+#pragma omp parallel num_threads(threads) if (parallel)
+    {
+        double* gc = partial.data() + size_t(omp_get_thread_num()) * 2 * sh.k;
+        double* zc = gc + sh.k;
+#pragma omp for schedule(static)
+        for (i64 i = 0; i < sh.n; ++i) {
+            const T* gz = grad_logits + i * sh.k;
+            W* gi = g + i * sh.k;
+            for (i64 k = 0; k < sh.k; ++k) {
+                W v = -W(gz[k]);
+                gi[k] = v;
+                zc[k] += double(gz[k]);
+            }
+            const i64 y = label[i];
+            i64 e = row_start[i];
+            for (i64 k = 0; k < sh.k; ++k) {
+                if (!(bad_row[i] || bad_class[k] || k == y)) continue;
+                double w = double(gi[k]);
+                if (k == y) w = w * (1.0 + alpha) + double(grad_lkd[i]);
+                entry_class[e] = k;
+                entry_weight[e] = w;
+                ++e;
+                gi[k] = 0;
+            }
+            for (i64 k = 0; k < sh.k; ++k) gc[k] += double(gi[k]);
+        }
+    }
+#pragma omp parallel for schedule(static) if (parallel_for(sh.k * threads))
+    for (i64 k = 0; k < sh.k; ++k) {
+        double a = 0, b = 0;
+        for (int t = 0; t < threads; ++t) {
+            a += partial[size_t(t) * 2 * sh.k + k];
+            b += partial[size_t(t) * 2 * sh.k + sh.k + k];
+        }
+        g_col[k] = a;
+        gz_col[k] = b;
+    }
+}
+
+// 7. dx (N, D) = xc * P - Q + the direct entries' sum_k w_ik iv_k (x_i - mu_k), from
+// pq = [P | Q] = G [iv | mc iv]: (N, sd + D).
+template <typename T, typename W>
+void backward_features(const T* x, const T* mu, const InverseVariances<T>& ivs, const Shape& sh,
+                       const T* xcx, const W* pq, const i64* row_start, const i64* entry_class,
+                       const double* entry_weight, T* dx) {
+    const i64 width = sh.d + sh.sd, pq_width = sh.sd + sh.d;
+#pragma omp parallel if (parallel_for(sh.n * sh.d))
+    {
+        std::vector<double> acc(sh.d);
+#pragma omp for schedule(static)
+        for (i64 i = 0; i < sh.n; ++i) {
+            const T* xc = xcx + i * width;
+            const W* p = pq + i * pq_width;
+            const W* q = p + sh.sd;
+            for (i64 j = 0; j < sh.d; ++j)
+                acc[j] = double(xc[j]) * double(p[sh.sd == 1 ? 0 : j]) - double(q[j]);
+            const T* xi = x + i * sh.d;
+            for (i64 e = row_start[i]; e < row_start[i + 1]; ++e) {
+                const i64 k = entry_class[e];
+                const T* mk = mu + k * sh.d;
+                const double* iv = ivs.row(k);
+                const double w = entry_weight[e];
+                if (sh.sd == 1) {
+                    const double wv = w * iv[0];
+                    for (i64 j = 0; j < sh.d; ++j) acc[j] += wv * (double(xi[j]) - double(mk[j]));
+                } else {
+                    for (i64 j = 0; j < sh.d; ++j)
+                        acc[j] += w * iv[j] * (double(xi[j]) - double(mk[j]));
+                }
+            }
+            T* out = dx + i * sh.d;
+            for (i64 j = 0; j < sh.d; ++j) out[j] = T(acc[j]);
+        }
+    }
+}
+
+struct BackwardOptions {
+    int logdet_logits, logdet_lkd;
+    int need_mean, need_log_var;
+};
+
+// 8. dmu (K, D) and dlog_var (K, sd) from gx = [GX | GX2] = G^T [xc | xc^2 (or |xc|^2)]:
+// (K, D + sd), the column sums, the lkd gradients by class and the direct entries (grouped by
+// class here). Log-variances the clamp blocks (c != s, NaN included) get exactly 0.
+template <typename T, typename W>
+void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
+                      const InverseVariances<T>& ivs, const T* grad_lkd,
+                      const Shape& sh, const T* c, const T* ivm, const T* mc, const W* gx,
+                      i64 gx_width, const double* g_col, const double* gz_col, const i64* row_start,
+                      const i64* entry_class, const double* entry_weight, BackwardOptions o,
+                      T* dmu, T* dlog_var) {
+    const i64 entries = row_start[sh.n];
+    // the direct entries by class (a counting sort), and the lkd gradients summed by class
+    std::vector<i64> class_start(sh.k + 1, 0), order(entries), entry_row(entries);
+    std::vector<double> gl_class(sh.k, 0.0);
+    for (i64 i = 0; i < sh.n; ++i) {
+        gl_class[label[i]] += double(grad_lkd[i]);
+        for (i64 e = row_start[i]; e < row_start[i + 1]; ++e) {
+            entry_row[e] = i;
+            ++class_start[entry_class[e] + 1];
+        }
+    }
+    for (i64 k = 0; k < sh.k; ++k) class_start[k + 1] += class_start[k];
+    {
+        std::vector<i64> fill(class_start.begin(), class_start.end() - 1);
+        for (i64 e = 0; e < entries; ++e) order[fill[entry_class[e]]++] = e;
+    }
+    const i64 iv_width = sh.sd + sh.d;
+    const bool iso = sh.sd == 1;
+#pragma omp parallel if (parallel_for(sh.k * sh.d))
+    {
+        std::vector<double> dm(sh.d), ds(sh.d);
+#pragma omp for schedule(dynamic, 16)
+        for (i64 k = 0; k < sh.k; ++k) {
+            const T* ivk = ivm + k * iv_width;
+            const T* mck = mc + k * sh.d;
+            const W* gxk = gx + k * gx_width;
+            const double gc = g_col[k];
+            double g_log_det = 0;
+            if (o.logdet_logits) g_log_det -= 0.5 * gz_col[k];
+            if (o.logdet_lkd) g_log_det += 0.5 * gl_class[k];
+            if (iso) g_log_det *= double(sh.d);
+            double ssq_iso = iso ? double(gxk[sh.d]) : 0.0;
+            for (i64 j = 0; j < sh.d; ++j) {
+                const double m = double(mck[j]), gxj = double(gxk[j]);
+                const double iv = double(ivk[iso ? 0 : j]);
+                const double neg_resid = m * gc - gxj;            // -sum_i G_ik (xc_i - mc_k)
+                dm[j] = neg_resid * iv;
+                const double cross = m * (2.0 * gxj - m * gc);
+                if (iso) {
+                    ssq_iso -= cross;
+                } else {
+                    ds[j] = -0.5 * (double(gxk[sh.d + j]) - cross) * iv + g_log_det;
+                }
+            }
+            double ds_iso = iso ? -0.5 * ssq_iso * double(ivk[0]) + g_log_det : 0.0;
+            if (class_start[k + 1] > class_start[k]) {
+                const T* mk = mu + k * sh.d;
+                const double* iv64 = ivs.row(k);
+                for (i64 p = class_start[k]; p < class_start[k + 1]; ++p) {
+                    const i64 e = order[p];
+                    const T* xi = x + entry_row[e] * sh.d;
+                    const double w = entry_weight[e];
+                    for (i64 j = 0; j < sh.d; ++j) {
+                        const double diff = double(xi[j]) - double(mk[j]);
+                        const double wj = w * iv64[iso ? 0 : j] * diff;
+                        dm[j] -= wj;
+                        if (iso) ds_iso -= 0.5 * wj * diff;
+                        else ds[j] -= 0.5 * wj * diff;
+                    }
+                }
+            }
+            if (o.need_mean) {
+                T* out = dmu + k * sh.d;
+                for (i64 j = 0; j < sh.d; ++j) out[j] = T(dm[j]);
+            }
+            if (o.need_log_var) {
+                T* out = dlog_var + k * sh.sd;
+                const T* sk = s + k * sh.sd;
+                const T* ck = c + k * sh.sd;
+                for (i64 j = 0; j < sh.sd; ++j) {
+                    // the clamp passes no gradient where it changed the value (or it is NaN)
+                    bool blocked = !(ck[j] == sk[j]);
+                    out[j] = blocked ? T(0) : T(iso ? ds_iso : ds[j]);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// exported entry points, one per type (T) or pair of types (T, W); suffix f: float, d: double,
+// fd: float storage with double products. IVS: the inverse variances for the direct entries
+// (InverseVariances: s, iv, logvar_min, logvar_max, cache, ready).
+
+#define IVS_ARGS(T) const T *s, const T *iv, double logvar_min, double logvar_max, \
+                    double *iv_cache, uint8_t *iv_ready
+#define IVS(T) InverseVariances<T>{s, iv, sd, logvar_min, logvar_max, iv_cache, iv_ready}
+
+#define LGM_EXPORT_T(T, sfx)                                                                    \
+    extern "C" LGM_API void lgm_prepare_features_##sfx(                                         \
+        const T *x, const T *mu, i64 n, i64 k, i64 d, i64 sd, double logvar_min, T *shift,      \
+        T *xcx, T *norm, uint8_t *bad_row) {                                                    \
+        prepare_features(x, mu, Shape{n, k, d, sd}, logvar_min, shift, xcx, norm, bad_row);     \
+    }                                                                                           \
+    extern "C" LGM_API void lgm_clamp_log_var_##sfx(const T *s, i64 count, double lo,          \
+                                                    double hi, T *c, T *neg_c) {                \
+        clamp_log_var(s, count, lo, hi, c, neg_c);                                              \
+    }                                                                                           \
+    extern "C" LGM_API void lgm_prepare_classes_##sfx(                                          \
+        const T *mu, const T *c, const T *iv, const T *shift, i64 n, i64 k, i64 d, i64 sd,      \
+        T *ivm, T *mc, T *sq, T *half_log_det, uint8_t *bad_class, uint8_t *iv_ready) {         \
+        prepare_classes(mu, c, iv, shift, Shape{n, k, d, sd}, ivm, mc, sq, half_log_det,        \
+                        bad_class);                                                             \
+        std::fill(iv_ready, iv_ready + k, uint8_t(0));                                          \
+    }                                                                                           \
+    extern "C" LGM_API void lgm_forward_epilogue_##sfx(                                         \
+        const T *x, const i64 *label, const T *mu, IVS_ARGS(T), i64 n, i64 k, i64 d, i64 sd,    \
+        const T *s_mciv, const T *norm, const T *sq, const T *half_log_det,                     \
+        const uint8_t *bad_row, const uint8_t *bad_class, double alpha, double inv_tau,         \
+        int logdet_logits, int logdet_lkd, T *logits, T *lkd) {                                 \
+        forward_epilogue(x, label, mu, IVS(T), Shape{n, k, d, sd}, s_mciv, norm, iv, sq,        \
+                         half_log_det, bad_row, bad_class,                                      \
+                         ForwardOptions{alpha, inv_tau, logdet_logits, logdet_lkd}, logits,     \
+                         lkd);                                                                  \
+    }
+
+#define LGM_EXPORT_TW(T, W, sfx)                                                                \
+    extern "C" LGM_API void lgm_backward_weights_##sfx(                                         \
+        const T *grad_logits, const T *grad_lkd, const i64 *label, i64 n, i64 k, i64 d, i64 sd, \
+        const uint8_t *bad_row, const uint8_t *bad_class, double alpha, const i64 *row_start,   \
+        W *g, i64 *entry_class, double *entry_weight, double *g_col, double *gz_col) {          \
+        backward_weights(grad_logits, grad_lkd, label, Shape{n, k, d, sd}, bad_row, bad_class,  \
+                         alpha, row_start, g, entry_class, entry_weight, g_col, gz_col);        \
+    }                                                                                           \
+    extern "C" LGM_API void lgm_backward_features_##sfx(                                        \
+        const T *x, const T *mu, IVS_ARGS(T), i64 n, i64 k, i64 d, i64 sd, const T *xcx,        \
+        const W *pq, const i64 *row_start, const i64 *entry_class, const double *entry_weight,  \
+        T *dx) {                                                                                \
+        backward_features(x, mu, IVS(T), Shape{n, k, d, sd}, xcx, pq, row_start, entry_class,   \
+                          entry_weight, dx);                                                    \
+    }                                                                                           \
+    extern "C" LGM_API void lgm_backward_classes_##sfx(                                         \
+        const T *x, const i64 *label, const T *mu, IVS_ARGS(T), const T *grad_lkd, i64 n,       \
+        i64 k, i64 d, i64 sd, const T *c, const T *ivm, const T *mc, const W *gx, i64 gx_width, \
+        const double *g_col, const double *gz_col, const i64 *row_start,                        \
+        const i64 *entry_class, const double *entry_weight, int logdet_logits, int logdet_lkd,  \
+        int need_mean, int need_log_var, T *dmu, T *dlog_var) {                                 \
+        backward_classes(x, label, mu, s, IVS(T), grad_lkd, Shape{n, k, d, sd}, c, ivm, mc, gx, \
+                         gx_width, g_col, gz_col, row_start, entry_class, entry_weight,         \
+                         BackwardOptions{logdet_logits, logdet_lkd, need_mean, need_log_var},   \
+                         dmu, dlog_var);                                                        \
+    }
+
+extern "C" LGM_API void lgm_direct_row_starts(const i64 *label, const uint8_t *bad_row,
+                                              const uint8_t *bad_class, i64 n, i64 k,
+                                              i64 *row_start) {
+    direct_row_starts(label, bad_row, bad_class, Shape{n, k, 0, 0}, row_start);
+}
+
+LGM_EXPORT_T(float, f)
+LGM_EXPORT_T(double, d)
+LGM_EXPORT_TW(float, float, f)
+LGM_EXPORT_TW(float, double, fd)
+LGM_EXPORT_TW(double, double, d)

@@ -1,0 +1,135 @@
+"""The CPU path's compiled passes (``kernels/lgm_cpu.cpp``): built with g++ and OpenMP on first
+use through :mod:`lgm_op.compile_cache`, loaded with ctypes, framework-free.
+
+Everything the CPU path does outside its matrix products is a pass over N x K, N x D or K x D;
+in NumPy each is a separate single-threaded sweep (and a call, which at small sizes costs more
+than the sweep). The compiled passes fuse them and run them on every core. Where no compiler is
+present the CPU path computes the same thing with NumPy (``lgm_op.cpu``), slower.
+
+The environment variable ``LGM_OP_CPU_KERNELS`` chooses: unset: the compiled passes when they
+build, else NumPy with a warning; ``1``: the compiled passes or an error; ``0``: NumPy.
+"""
+import ctypes
+import os
+import threading
+import warnings
+
+import numpy as np
+
+from . import compile_cache
+from .kernel_source import load_source
+
+__all__ = ["ENV", "CPUKernels", "kernels"]
+
+ENV = "LGM_OP_CPU_KERNELS"
+_VALUES = {None: "auto", "1": "compiled", "0": "numpy"}
+_SOURCE = "lgm_cpu.cpp"
+# -ffp-contract=off: no implicit fused multiply-add, whose single rounding turns an overflowing
+# product added to -inf into -inf where the unfused form (and the reference) gives NaN; the
+# passes are bound by memory, not by arithmetic.
+_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno",
+          "-ffp-contract=off", "-fvisibility=hidden")
+
+_P, _I, _D, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+# name -> argument types (pointers are passed as integer addresses)
+_IVS = (_P, _P, _D, _D, _P, _P)   # s, iv, logvar_min, logvar_max, cache, ready
+_SHAPE = (_I, _I, _I, _I)         # n, k, d, sd
+_SIGNATURES = {
+    "prepare_features": (_P, _P) + _SHAPE + (_D, _P, _P, _P, _P),
+    "clamp_log_var": (_P, _I, _D, _D, _P, _P),
+    "prepare_classes": (_P, _P, _P, _P) + _SHAPE + (_P, _P, _P, _P, _P, _P),
+    "forward_epilogue": (_P, _P, _P) + _IVS + _SHAPE + (_P, _P, _P, _P, _P, _P, _D, _D, _C, _C,
+                                                        _P, _P),
+    "backward_weights": (_P, _P, _P) + _SHAPE + (_P, _P, _D, _P, _P, _P, _P, _P, _P),
+    "backward_features": (_P, _P) + _IVS + _SHAPE + (_P, _P, _P, _P, _P, _P),
+    "backward_classes": (_P, _P, _P) + _IVS + (_P,) + _SHAPE + (_P, _P, _P, _P, _I, _P, _P, _P,
+                                                                _P, _P, _C, _C, _C, _C, _P, _P),
+}
+_PER_TYPE = ("prepare_features", "clamp_log_var", "prepare_classes", "forward_epilogue")
+_PER_PAIR = ("backward_weights", "backward_features", "backward_classes")
+_TYPE_SUFFIX = {np.dtype(np.float32): "f", np.dtype(np.float64): "d"}
+_PAIR_SUFFIX = {(np.dtype(np.float32), np.dtype(np.float32)): "f",
+                (np.dtype(np.float32), np.dtype(np.float64)): "fd",
+                (np.dtype(np.float64), np.dtype(np.float64)): "d"}
+
+
+def _arch_flags():
+    """AVX2 and FMA where this CPU has them (the flags are part of the cache key, so a machine
+    without them builds its own module); nothing machine-specific otherwise."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return ("-mavx2", "-mfma") if {"avx2", "fma"} <= flags else ()
+    except OSError:
+        pass
+    return ()
+
+
+class CPUKernels:
+    """The loaded module: ``call(name, dtype, *args)`` for the per-type passes,
+    ``call(name, (dtype, work), *args)`` for the backward's, and ``row_starts(*args)``."""
+
+    def __init__(self, lib):
+        self._functions = {}
+        for name in _PER_TYPE:
+            for dtype, sfx in _TYPE_SUFFIX.items():
+                self._functions[name, dtype] = self._bind(lib, f"lgm_{name}_{sfx}", name)
+        for name in _PER_PAIR:
+            for pair, sfx in _PAIR_SUFFIX.items():
+                self._functions[name, pair] = self._bind(lib, f"lgm_{name}_{sfx}", name)
+        self.row_starts = lib.lgm_direct_row_starts
+        self.row_starts.argtypes = (_P, _P, _P, _I, _I, _P)
+        self.row_starts.restype = None
+
+    @staticmethod
+    def _bind(lib, symbol, name):
+        function = getattr(lib, symbol)
+        function.argtypes = _SIGNATURES[name]
+        function.restype = None
+        return function
+
+    def call(self, name, types, *args):
+        key = (name, tuple(np.dtype(t) for t in types) if isinstance(types, tuple) else
+               np.dtype(types))
+        self._functions[key](*args)
+
+
+_lock = threading.Lock()
+_loaded = {}
+
+
+def mode():
+    """'auto', 'compiled' or 'numpy', from ``LGM_OP_CPU_KERNELS``."""
+    value = os.environ.get(ENV)
+    if value not in _VALUES:
+        raise ValueError(f"lgm: environment variable {ENV} must be unset, 1 (the compiled CPU "
+                         f"passes, or an error) or 0 (the NumPy CPU path), got {value!r}")
+    return _VALUES[value]
+
+
+def kernels():
+    """The compiled passes, or None for the NumPy path (``LGM_OP_CPU_KERNELS=0``, or unset where
+    they cannot be built: a warning says why, once). Built once per process."""
+    how = mode()
+    if how == "numpy":
+        return None
+    with _lock:
+        if "module" not in _loaded:
+            try:
+                path = compile_cache.build_shared_object(
+                    "cpu", load_source(_SOURCE), _FLAGS + _arch_flags())
+                _loaded["module"] = CPUKernels(compile_cache.load_shared_object(path))
+            except (compile_cache.CompileError, compile_cache.CacheError, OSError) as exc:
+                _loaded["module"] = None
+                _loaded["error"] = exc
+                if how == "auto":
+                    warnings.warn(f"lgm: the compiled CPU passes are unavailable ({exc}); the CPU "
+                                  f"path runs on NumPy alone, slower", RuntimeWarning,
+                                  stacklevel=3)
+        module = _loaded["module"]
+    if module is None and how == "compiled":
+        raise RuntimeError(f"lgm: {ENV}=1 asks for the compiled CPU passes, which are "
+                           f"unavailable: {_loaded['error']}")
+    return module
