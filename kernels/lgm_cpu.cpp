@@ -44,45 +44,105 @@ struct Shape {
     i64 sd;        // columns of log_var: d (diagonal) or 1 (isotropic)
 };
 
-// The inverse variances in double, exp(-clip(s)), as the float64 answer has them, for the entries
-// computed directly. float64 inputs have them already (iv); for float32 a class's row is computed
-// on first use, by one thread (the others wait for it), and kept in cache (K, sd) for the rest of
-// the step (ready: (K,) 0 = not computed, 1 = being computed, 2 = ready).
+// exp(x) for a whole array (out may be x), in a form the compiler vectorises: x = k ln2 + r with
+// |r| <= ln2/2, exp(r) by its Taylor series (to degree 13 in double, 7 in float: truncation far
+// below an ulp), 2^k from the exponent bits; within 2 ulps of the correctly rounded result. An
+// array with an argument beyond the polynomial's range (or infinite, or NaN) goes through
+// std::exp instead.
+template <typename T>
+bool exp_in_range(const T* x, i64 count, T limit) {
+    bool inside = true;
+    for (i64 e = 0; e < count; ++e) inside &= std::fabs(x[e]) <= limit;
+    return inside;
+}
+
+inline void exp_array(const double* x, i64 count, double* out) {
+    if (!exp_in_range(x, count, 700.0)) {
+        for (i64 e = 0; e < count; ++e) out[e] = std::exp(x[e]);
+        return;
+    }
+    const double inv_ln2 = 1.4426950408889634, ln2_hi = 0.6931471803691238,
+                 ln2_lo = 1.9082149292705877e-10, shifter = 6755399441055744.0;  // 1.5 * 2^52
+    const int64_t shifter_bits = __builtin_bit_cast(int64_t, shifter);
+#pragma omp simd
+    for (i64 e = 0; e < count; ++e) {
+        const double v = x[e];
+        double kf = (v * inv_ln2 + shifter) - shifter;        // round to nearest
+        double r = (v - kf * ln2_hi) - kf * ln2_lo;
+        double p = 1.0 / 6227020800.0;
+        p = p * r + 1.0 / 479001600.0;
+        p = p * r + 1.0 / 39916800.0;
+        p = p * r + 1.0 / 3628800.0;
+        p = p * r + 1.0 / 362880.0;
+        p = p * r + 1.0 / 40320.0;
+        p = p * r + 1.0 / 5040.0;
+        p = p * r + 1.0 / 720.0;
+        p = p * r + 1.0 / 120.0;
+        p = p * r + 1.0 / 24.0;
+        p = p * r + 1.0 / 6.0;
+        p = p * r + 0.5;
+        p = p * r + 1.0;
+        p = p * r + 1.0;
+        int64_t bits = (__builtin_bit_cast(int64_t, kf + shifter) - shifter_bits + 1023) << 52;
+        out[e] = p * __builtin_bit_cast(double, bits);
+    }
+}
+
+inline void exp_array(const float* x, i64 count, float* out) {
+    if (!exp_in_range(x, count, 87.0f)) {
+        for (i64 e = 0; e < count; ++e) out[e] = std::exp(x[e]);
+        return;
+    }
+    const float inv_ln2 = 1.44269504f, ln2_hi = 0.693145752f, ln2_lo = 1.42860677e-6f,
+                shifter = 12582912.0f;                                      // 1.5 * 2^23
+    const int32_t shifter_bits = __builtin_bit_cast(int32_t, shifter);
+#pragma omp simd
+    for (i64 e = 0; e < count; ++e) {
+        const float v = x[e];
+        float kf = (v * inv_ln2 + shifter) - shifter;
+        float r = (v - kf * ln2_hi) - kf * ln2_lo;
+        float p = 1.0f / 5040.0f;
+        p = p * r + 1.0f / 720.0f;
+        p = p * r + 1.0f / 120.0f;
+        p = p * r + 1.0f / 24.0f;
+        p = p * r + 1.0f / 6.0f;
+        p = p * r + 0.5f;
+        p = p * r + 1.0f;
+        p = p * r + 1.0f;
+        int32_t bits = (__builtin_bit_cast(int32_t, kf + shifter) - shifter_bits + 127) << 23;
+        out[e] = p * __builtin_bit_cast(float, bits);
+    }
+}
+
+// The inverse variances in double, exp(-clip(s)) as the float64 answer has them, for the
+// entries computed directly: a class's row is computed on its first use in a step, by one
+// thread (others wait for it), into cache (K, sd); ready: (K,) 0 = not yet, 1 = being computed,
+// 2 = ready (prepare_classes resets it).
 template <typename T>
 struct InverseVariances {
     const T* s;
-    const T* iv;
     i64 sd;
     double lo, hi;
     double* cache;
     uint8_t* ready;
 
-    const double* row(i64 k) const;
-};
-
-template <>
-inline const double* InverseVariances<double>::row(i64 k) const { return iv + k * sd; }
-
-template <>
-inline const double* InverseVariances<float>::row(i64 k) const {
-    double* out = cache + k * sd;
-    uint8_t state = __atomic_load_n(ready + k, __ATOMIC_ACQUIRE);
-    if (state == 2) return out;
-    uint8_t expected = 0;
-    if (__atomic_compare_exchange_n(ready + k, &expected, uint8_t(1), false, __ATOMIC_ACQ_REL,
-                                    __ATOMIC_ACQUIRE)) {
-        const float* sk = s + k * sd;
-        for (i64 j = 0; j < sd; ++j) {
-            double v = double(sk[j]);
-            out[j] = std::exp(-(v != v ? v : std::min(std::max(v, lo), hi)));
+    const double* row(i64 k) const {
+        double* out = cache + k * sd;
+        if (__atomic_load_n(ready + k, __ATOMIC_ACQUIRE) == 2) return out;
+        uint8_t expected = 0;
+        if (__atomic_compare_exchange_n(ready + k, &expected, uint8_t(1), false,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            const T* sk = s + k * sd;
+            for (i64 j = 0; j < sd; ++j) out[j] = -clamp(double(sk[j]), lo, hi);
+            exp_array(out, sd, out);
+            __atomic_store_n(ready + k, uint8_t(2), __ATOMIC_RELEASE);
+            return out;
         }
-        __atomic_store_n(ready + k, uint8_t(2), __ATOMIC_RELEASE);
+        while (__atomic_load_n(ready + k, __ATOMIC_ACQUIRE) != 2) {
+        }
         return out;
     }
-    while (__atomic_load_n(ready + k, __ATOMIC_ACQUIRE) != 2) {
-    }
-    return out;
-}
+};
 
 // Half the squared Mahalanobis distance of entry (i, k), directly, in double.
 template <typename T>
@@ -182,44 +242,35 @@ void prepare_features(const T* x, const T* mu, const Shape& sh, double logvar_mi
     }
 }
 
-// 3. c = clip(s, logvar_min, logvar_max), NaN kept, and -c (for NumPy's vectorised exp): (K, sd).
+// 3. Per class: ivm (K, sd + D) = [iv | mc iv] with iv = exp(-clip(s, logvar_min, logvar_max))
+// in T and mc = mu - shift; sq (K,) = sum_j mc^2 iv; half_log_det (K,) = 0.5 log|Sigma_k| of the
+// clamped log-variances (NaN kept). A class whose terms are not finite (its mean or log-variance
+// is not, or they overflow) is flagged in bad_class and zeroed in ivm and sq so the products stay
+// finite; its entries are computed directly. iv_ready: (K,) reset for InverseVariances.
 template <typename T>
-void clamp_log_var(const T* s, i64 count, double lo, double hi, T* c, T* neg_c) {
-    const T tlo = T(lo), thi = T(hi);
-#pragma omp parallel for schedule(static) if (parallel_for(count))
-    for (i64 e = 0; e < count; ++e) {
-        T v = s[e];
-        T clamped = v != v ? v : std::min(std::max(v, tlo), thi);
-        c[e] = clamped;
-        neg_c[e] = -clamped;
-    }
-}
-
-// 4. Per class, from iv = exp(-c): ivm (K, sd + D) = [iv | mc iv]; mc (K, D) = mu - shift;
-// sq (K,) = sum_j mc^2 iv; half_log_det (K,) = 0.5 log|Sigma_k|. A class whose terms are not
-// finite (its mean or log-variance is not, or they overflow) is flagged in bad_class and zeroed
-// in ivm, mc and sq so the products stay finite; its entries are computed directly.
-template <typename T>
-void prepare_classes(const T* mu, const T* c, const T* iv, const T* shift, const Shape& sh,
-                     T* ivm, T* mc, T* sq, T* half_log_det, uint8_t* bad_class) {
+void prepare_classes(const T* mu, const T* s, const T* shift, const Shape& sh, double logvar_min,
+                     double logvar_max, T* ivm, T* sq, T* half_log_det, uint8_t* bad_class,
+                     uint8_t* iv_ready) {
     const i64 width = sh.sd + sh.d;
+    const T lo = T(logvar_min), hi = T(logvar_max);
 #pragma omp parallel for schedule(static) if (parallel_for(sh.k * sh.d))
     for (i64 k = 0; k < sh.k; ++k) {
         const T* mk = mu + k * sh.d;
-        const T* ivk = iv + k * sh.sd;
-        const T* ck = c + k * sh.sd;
+        const T* sk = s + k * sh.sd;
         T* row = ivm + k * width;
-        T* mck = mc + k * sh.d;
-        double acc = 0, log_det = 0;
+        double log_det = 0;
         for (i64 j = 0; j < sh.sd; ++j) {
-            row[j] = ivk[j];
-            log_det += double(ck[j]);
+            T v = sk[j];
+            T clamped = v != v ? v : std::min(std::max(v, lo), hi);
+            log_det += double(clamped);
+            row[j] = -clamped;
         }
+        exp_array(row, sh.sd, row);
         if (sh.sd == 1) log_det *= double(sh.d);
+        double acc = 0;
         for (i64 j = 0; j < sh.d; ++j) {
             T m = mk[j] - shift[j];
-            T mi = m * ivk[sh.sd == 1 ? 0 : j];
-            mck[j] = m;
+            T mi = m * row[sh.sd == 1 ? 0 : j];
             row[sh.sd + j] = mi;
             acc += double(m) * double(mi);
         }
@@ -229,10 +280,10 @@ void prepare_classes(const T* mu, const T* c, const T* iv, const T* shift, const
         bad_class[k] = bad;
         if (bad) {
             std::fill(row, row + width, T(0));
-            std::fill(mck, mck + sh.d, T(0));
             b = 0;
         }
         sq[k] = b;
+        iv_ready[k] = 0;
     }
 }
 
@@ -243,11 +294,12 @@ struct ForwardOptions {
 };
 
 // 5. logits (N, K) and lkd (N,). On entry logits holds A = (x^2) iv^T (diagonal; unused when
-// isotropic, where A = |x|^2 iv_k) and s_mciv holds x (mu iv)^T. label: (N,) or null (the
-// label-free form: lkd then uses the predicted class, the first largest logit).
+// isotropic, where A = |x|^2 iv_k is formed here) and s_mciv holds x (mu iv)^T; ivm as
+// prepare_classes makes it. label: (N,) or null (the label-free form: lkd then uses the
+// predicted class, the first largest logit).
 template <typename T>
 void forward_epilogue(const T* x, const i64* label, const T* mu,
-                      const InverseVariances<T>& ivs, const Shape& sh, const T* s_mciv, const T* norm, const T* iv, const T* sq,
+                      const InverseVariances<T>& ivs, const Shape& sh, const T* s_mciv, const T* norm, const T* ivm, const T* sq,
                       const T* half_log_det, const uint8_t* bad_row, const uint8_t* bad_class,
                       ForwardOptions o, T* logits, T* lkd) {
     const bool iso = sh.sd == 1;
@@ -262,7 +314,7 @@ void forward_epilogue(const T* x, const i64* label, const T* mu,
             const T nrm = norm[i];
             // (a) the expansion, and where it may have cancelled
             for (i64 k = 0; k < sh.k; ++k) {
-                T a = iso ? nrm * iv[k] : row[k];
+                T a = iso ? nrm * ivm[k * (sh.d + 1)] : row[k];
                 T t = a + sq[k];
                 T two_d = T(-2) * srow[k] + t;
                 direct[k] = uint8_t(!(two_d >= t * inv_tau)) | bad_class[k];
@@ -405,12 +457,12 @@ struct BackwardOptions {
 
 // 8. dmu (K, D) and dlog_var (K, sd) from gx = [GX | GX2] = G^T [xc | xc^2 (or |xc|^2)]:
 // (K, D + sd), the column sums, the lkd gradients by class and the direct entries (grouped by
-// class here). Log-variances the clamp blocks (c != s, NaN included) get exactly 0.
+// class here); mc = mu - shift as prepare_classes forms it. Log-variances the clamp blocks (its
+// value differs from the input, or is NaN) get exactly 0.
 template <typename T, typename W>
 void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
-                      const InverseVariances<T>& ivs, const T* grad_lkd,
-                      const Shape& sh, const T* c, const T* ivm, const T* mc, const W* gx,
-                      i64 gx_width, const double* g_col, const double* gz_col, const i64* row_start,
+                      const InverseVariances<T>& ivs, const T* grad_lkd, const Shape& sh,
+                      const T* shift, const T* ivm, const W* gx, i64 gx_width, const double* g_col, const double* gz_col, const i64* row_start,
                       const i64* entry_class, const double* entry_weight, BackwardOptions o,
                       T* dmu, T* dlog_var) {
     const i64 entries = row_start[sh.n];
@@ -431,13 +483,14 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
     }
     const i64 iv_width = sh.sd + sh.d;
     const bool iso = sh.sd == 1;
+    const T lo = T(ivs.lo), hi = T(ivs.hi);
 #pragma omp parallel if (parallel_for(sh.k * sh.d))
     {
         std::vector<double> dm(sh.d), ds(sh.d);
 #pragma omp for schedule(dynamic, 16)
         for (i64 k = 0; k < sh.k; ++k) {
             const T* ivk = ivm + k * iv_width;
-            const T* mck = mc + k * sh.d;
+            const T* mk = mu + k * sh.d;
             const W* gxk = gx + k * gx_width;
             const double gc = g_col[k];
             double g_log_det = 0;
@@ -446,7 +499,7 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
             if (iso) g_log_det *= double(sh.d);
             double ssq_iso = iso ? double(gxk[sh.d]) : 0.0;
             for (i64 j = 0; j < sh.d; ++j) {
-                const double m = double(mck[j]), gxj = double(gxk[j]);
+                const double m = double(T(mk[j] - shift[j])), gxj = double(gxk[j]);
                 const double iv = double(ivk[iso ? 0 : j]);
                 const double neg_resid = m * gc - gxj;            // -sum_i G_ik (xc_i - mc_k)
                 dm[j] = neg_resid * iv;
@@ -459,7 +512,6 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
             }
             double ds_iso = iso ? -0.5 * ssq_iso * double(ivk[0]) + g_log_det : 0.0;
             if (class_start[k + 1] > class_start[k]) {
-                const T* mk = mu + k * sh.d;
                 const double* iv64 = ivs.row(k);
                 for (i64 p = class_start[k]; p < class_start[k + 1]; ++p) {
                     const i64 e = order[p];
@@ -481,10 +533,10 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
             if (o.need_log_var) {
                 T* out = dlog_var + k * sh.sd;
                 const T* sk = s + k * sh.sd;
-                const T* ck = c + k * sh.sd;
                 for (i64 j = 0; j < sh.sd; ++j) {
                     // the clamp passes no gradient where it changed the value (or it is NaN)
-                    bool blocked = !(ck[j] == sk[j]);
+                    const T v = sk[j];
+                    bool blocked = !(std::min(std::max(v, lo), hi) == v);
                     out[j] = blocked ? T(0) : T(iso ? ds_iso : ds[j]);
                 }
             }
@@ -496,36 +548,28 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
 
 // ------------------------------------------------------------------------------------------
 // exported entry points, one per type (T) or pair of types (T, W); suffix f: float, d: double,
-// fd: float storage with double products. IVS: the inverse variances for the direct entries
-// (InverseVariances: s, iv, logvar_min, logvar_max, cache, ready).
+// fd: float storage with double products. The direct entries' inverse variances come from
+// (s, logvar_min, logvar_max, iv_cache (K, sd), iv_ready (K,)): see InverseVariances.
 
-#define IVS_ARGS(T) const T *s, const T *iv, double logvar_min, double logvar_max, \
-                    double *iv_cache, uint8_t *iv_ready
-#define IVS(T) InverseVariances<T>{s, iv, sd, logvar_min, logvar_max, iv_cache, iv_ready}
+#define LGM_IVS(T) InverseVariances<T>{s, sd, logvar_min, logvar_max, iv_cache, iv_ready}
 
 #define LGM_EXPORT_T(T, sfx)                                                                    \
-    extern "C" LGM_API void lgm_prepare_features_##sfx(                                         \
-        const T *x, const T *mu, i64 n, i64 k, i64 d, i64 sd, double logvar_min, T *shift,      \
-        T *xcx, T *norm, uint8_t *bad_row) {                                                    \
-        prepare_features(x, mu, Shape{n, k, d, sd}, logvar_min, shift, xcx, norm, bad_row);     \
-    }                                                                                           \
-    extern "C" LGM_API void lgm_clamp_log_var_##sfx(const T *s, i64 count, double lo,          \
-                                                    double hi, T *c, T *neg_c) {                \
-        clamp_log_var(s, count, lo, hi, c, neg_c);                                              \
-    }                                                                                           \
-    extern "C" LGM_API void lgm_prepare_classes_##sfx(                                          \
-        const T *mu, const T *c, const T *iv, const T *shift, i64 n, i64 k, i64 d, i64 sd,      \
-        T *ivm, T *mc, T *sq, T *half_log_det, uint8_t *bad_class, uint8_t *iv_ready) {         \
-        prepare_classes(mu, c, iv, shift, Shape{n, k, d, sd}, ivm, mc, sq, half_log_det,        \
-                        bad_class);                                                             \
-        std::fill(iv_ready, iv_ready + k, uint8_t(0));                                          \
+    extern "C" LGM_API void lgm_prepare_##sfx(                                                  \
+        const T *x, const T *mu, const T *s, i64 n, i64 k, i64 d, i64 sd, double logvar_min,    \
+        double logvar_max, T *shift, T *xcx, T *norm, uint8_t *bad_row, T *ivm, T *sq,          \
+        T *half_log_det, uint8_t *bad_class, uint8_t *iv_ready) {                               \
+        const Shape sh{n, k, d, sd};                                                            \
+        prepare_features(x, mu, sh, logvar_min, shift, xcx, norm, bad_row);                     \
+        prepare_classes(mu, s, shift, sh, logvar_min, logvar_max, ivm, sq, half_log_det,        \
+                        bad_class, iv_ready);                                                   \
     }                                                                                           \
     extern "C" LGM_API void lgm_forward_epilogue_##sfx(                                         \
-        const T *x, const i64 *label, const T *mu, IVS_ARGS(T), i64 n, i64 k, i64 d, i64 sd,    \
-        const T *s_mciv, const T *norm, const T *sq, const T *half_log_det,                     \
+        const T *x, const i64 *label, const T *mu, const T *s, double logvar_min,               \
+        double logvar_max, double *iv_cache, uint8_t *iv_ready, i64 n, i64 k, i64 d, i64 sd,    \
+        const T *s_mciv, const T *norm, const T *ivm, const T *sq, const T *half_log_det,       \
         const uint8_t *bad_row, const uint8_t *bad_class, double alpha, double inv_tau,         \
         int logdet_logits, int logdet_lkd, T *logits, T *lkd) {                                 \
-        forward_epilogue(x, label, mu, IVS(T), Shape{n, k, d, sd}, s_mciv, norm, iv, sq,        \
+        forward_epilogue(x, label, mu, LGM_IVS(T), Shape{n, k, d, sd}, s_mciv, norm, ivm, sq,   \
                          half_log_det, bad_row, bad_class,                                      \
                          ForwardOptions{alpha, inv_tau, logdet_logits, logdet_lkd}, logits,     \
                          lkd);                                                                  \
@@ -540,20 +584,22 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
                          alpha, row_start, g, entry_class, entry_weight, g_col, gz_col);        \
     }                                                                                           \
     extern "C" LGM_API void lgm_backward_features_##sfx(                                        \
-        const T *x, const T *mu, IVS_ARGS(T), i64 n, i64 k, i64 d, i64 sd, const T *xcx,        \
+        const T *x, const T *mu, const T *s, double logvar_min, double logvar_max,              \
+        double *iv_cache, uint8_t *iv_ready, i64 n, i64 k, i64 d, i64 sd, const T *xcx,         \
         const W *pq, const i64 *row_start, const i64 *entry_class, const double *entry_weight,  \
         T *dx) {                                                                                \
-        backward_features(x, mu, IVS(T), Shape{n, k, d, sd}, xcx, pq, row_start, entry_class,   \
-                          entry_weight, dx);                                                    \
+        backward_features(x, mu, LGM_IVS(T), Shape{n, k, d, sd}, xcx, pq, row_start,            \
+                          entry_class, entry_weight, dx);                                       \
     }                                                                                           \
     extern "C" LGM_API void lgm_backward_classes_##sfx(                                         \
-        const T *x, const i64 *label, const T *mu, IVS_ARGS(T), const T *grad_lkd, i64 n,       \
-        i64 k, i64 d, i64 sd, const T *c, const T *ivm, const T *mc, const W *gx, i64 gx_width, \
+        const T *x, const i64 *label, const T *mu, const T *s, double logvar_min,               \
+        double logvar_max, double *iv_cache, uint8_t *iv_ready, const T *grad_lkd, i64 n,       \
+        i64 k, i64 d, i64 sd, const T *shift, const T *ivm, const W *gx, i64 gx_width,          \
         const double *g_col, const double *gz_col, const i64 *row_start,                        \
         const i64 *entry_class, const double *entry_weight, int logdet_logits, int logdet_lkd,  \
         int need_mean, int need_log_var, T *dmu, T *dlog_var) {                                 \
-        backward_classes(x, label, mu, s, IVS(T), grad_lkd, Shape{n, k, d, sd}, c, ivm, mc, gx, \
-                         gx_width, g_col, gz_col, row_start, entry_class, entry_weight,         \
+        backward_classes(x, label, mu, s, LGM_IVS(T), grad_lkd, Shape{n, k, d, sd}, shift, ivm, \
+                         gx, gx_width, g_col, gz_col, row_start, entry_class, entry_weight,     \
                          BackwardOptions{logdet_logits, logdet_lkd, need_mean, need_log_var},   \
                          dmu, dlog_var);                                                        \
     }

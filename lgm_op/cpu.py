@@ -51,6 +51,10 @@ _ONE_HOT_LIMIT = 1 << 16
 # that exceeds what the reference's compensated sums give; with few features the products are a
 # small part of the cost (the passes over N x K dominate), so they are computed exactly enough.
 _WIDE_BACKWARD_DIM = 32
+# The compiled path saves its operands for the backward (and copies the inputs to check them
+# against the backward's) up to this many input bytes; beyond, building them again costs less
+# than the copy and the byte-wise comparison.
+_KEEP_BYTES = 4 << 20
 
 
 class _FreeBuffers:
@@ -267,12 +271,13 @@ def _same_bytes(a, b):
         a.ctypes.data, b.ctypes.data, a.nbytes) == 0)
 
 
-def _prepare(x, mu, log_var, opts, tmp, state=None, reuse=False, build=None):
+def _prepare(x, mu, log_var, opts, tmp, state=None, reuse=False, build=None, keep_bytes=None):
     """x, mu, log_var as C-contiguous arrays of x's dtype, and the operands ``build(x, mu,
     log_var, opts, pool)`` makes of them (a tuple). With ``state``: saved for a backward
     (``reuse=False``, forward), or taken from it when the inputs are byte-for-byte those of its
     forward and it was built the same way (``reuse=True``); else built in the call's buffers
-    ``tmp``."""
+    ``tmp``. ``keep_bytes``: save nothing for inputs larger than this (checking them would cost
+    more than building again)."""
     dtype = check_float_dtype("data", np.asarray(x).dtype)
     x, mu, log_var = (np.ascontiguousarray(a, dtype=dtype) for a in (x, mu, log_var))
     key = (build, opts.logvar_min, opts.logvar_max, opts.isotropic)
@@ -283,7 +288,11 @@ def _prepare(x, mu, log_var, opts, tmp, state=None, reuse=False, build=None):
             saved[0].mu, saved[0].log_var = mu, log_var
         return (x, mu, log_var) + saved
     # a forward keeps its operands in the state's own buffers (they must outlive the call)
-    keep = state is not None and not reuse
+    keep = state is not None and not reuse and (
+        keep_bytes is None or x.nbytes + mu.nbytes + log_var.nbytes <= keep_bytes)
+    if state is not None and not reuse and not keep:
+        state.key = state.inputs = state.saved = None
+        state.pool.release()
     pool = state.pool if keep else tmp
     saved = build(x, mu, log_var, opts, pool)
     if keep:
@@ -562,46 +571,33 @@ class _CompiledOperands:
     """The compiled passes' operands of one (x, mu, log_var), shared by forward and backward.
 
     shift: (D,) the centroid; xcx: (N, D + sd) [xc | xc^2] (isotropic: [xc | |xc|^2]) of the
-    shifted features, bad rows zeroed; norm: (N,) |xc|^2; bad_row: (N,) uint8; c: (K, sd) the
-    clamped log-variances; iv: (K, sd) exp(-c); ivm: (K, sd + D) [iv | mc iv], bad classes
-    zeroed; mc: (K, D) shifted means; sq: (K,) sum_j mc^2 iv; half_log_det: (K,);
-    bad_class: (K,) uint8. sd is D, or 1 when isotropic.
+    shifted features, bad rows zeroed; norm: (N,) |xc|^2; bad_row: (N,) uint8;
+    ivm: (K, sd + D) [iv | mc iv] in the input's dtype, bad classes zeroed; sq: (K,)
+    sum_j mc^2 iv; half_log_det: (K,); bad_class: (K,) uint8; iv_cache: (K, sd) float64 and
+    iv_ready: (K,) the direct entries' inverse variances, computed by the passes per class on
+    first use. sd is D, or 1 when isotropic.
     """
 
     def __init__(self, lib, x, mu, log_var, opts, pool):
         dtype = x.dtype
         (n, d), k, sd = x.shape, mu.shape[0], log_var.shape[1]
-        self.shift = pool.get("shift", (d,), dtype)
-        self.xcx = pool.get("xcx", (n, d + sd), dtype)
-        self.norm = pool.get("norm", (n,), dtype)
-        self.bad_row = pool.get("bad_row", (n,), np.uint8)
-        lib.call("prepare_features", dtype, _address(x), _address(mu), n, k, d, sd,
-                 opts.logvar_min, _address(self.shift), _address(self.xcx), _address(self.norm),
-                 _address(self.bad_row))
-        self.c = pool.get("c", (k, sd), dtype)
-        self.iv = pool.get("iv", (k, sd), dtype)
-        lib.call("clamp_log_var", dtype, _address(log_var), k * sd, opts.logvar_min,
-                 opts.logvar_max, _address(self.c), _address(self.iv))
-        np.exp(self.iv, out=self.iv)                      # NumPy's exp is vectorised
-        self.ivm = pool.get("ivm", (k, sd + d), dtype)
-        self.mc = pool.get("mc", (k, d), dtype)
-        self.sq = pool.get("sq", (k,), dtype)
-        self.half_log_det = pool.get("half_log_det", (k,), dtype)
-        self.bad_class = pool.get("bad_class", (k,), np.uint8)
-        # float32: the float64 inverse variances of the classes that have direct entries,
-        # computed by the passes on first use (float64 inputs have them in iv)
-        self.iv_cache = pool.get("iv_cache", (k, sd), np.float64) if dtype == np.float32 else None
-        self.iv_ready = pool.get("iv_ready", (k,), np.uint8)
-        lib.call("prepare_classes", dtype, _address(mu), _address(self.c), _address(self.iv),
-                 _address(self.shift), n, k, d, sd, _address(self.ivm), _address(self.mc),
-                 _address(self.sq), _address(self.half_log_det), _address(self.bad_class),
-                 _address(self.iv_ready))
-        self.logvar_bounds = (opts.logvar_min, opts.logvar_max)
+        get = pool.get
+        self.shift, self.xcx = get("shift", (d,), dtype), get("xcx", (n, d + sd), dtype)
+        self.norm, self.bad_row = get("norm", (n,), dtype), get("bad_row", (n,), np.uint8)
+        self.ivm, self.sq = get("ivm", (k, sd + d), dtype), get("sq", (k,), dtype)
+        self.half_log_det = get("half_log_det", (k,), dtype)
+        self.bad_class = get("bad_class", (k,), np.uint8)
+        self.iv_cache = get("iv_cache", (k, sd), np.float64)
+        self.iv_ready = get("iv_ready", (k,), np.uint8)
+        self.bounds = (opts.logvar_min, opts.logvar_max)
+        lib.call("prepare", dtype, _address(x), _address(mu), _address(log_var), n, k, d, sd,
+                 *self.bounds, *(_address(a) for a in (
+                     self.shift, self.xcx, self.norm, self.bad_row, self.ivm, self.sq,
+                     self.half_log_det, self.bad_class, self.iv_ready)))
 
     def inverse_variances(self, log_var):
-        """The arguments that give the passes the direct entries' inverse variances."""
-        return (_address(log_var), _address(self.iv)) + self.logvar_bounds + (
-            _address(self.iv_cache), _address(self.iv_ready))
+        return (_address(log_var),) + self.bounds + (_address(self.iv_cache),
+                                                     _address(self.iv_ready))
 
 
 @functools.lru_cache(maxsize=None)
@@ -613,7 +609,8 @@ def _builder(lib):
 
 
 def _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tmp):
-    x, mu, log_var, ops = _prepare(x, mu, log_var, opts, tmp, state, build=_builder(lib))
+    x, mu, log_var, ops = _prepare(x, mu, log_var, opts, tmp, state, build=_builder(lib),
+                                   keep_bytes=_KEEP_BYTES)
     dtype = x.dtype
     (n, d), k, sd = x.shape, opts.num_classes, log_var.shape[1]
     y = None if label is None else validate_labels_numpy(label, k)
@@ -630,9 +627,9 @@ def _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tm
     alpha = opts.margin(training) if y is not None else 0.0
     lib.call("forward_epilogue", dtype, _address(x), _address(y), _address(mu),
              *ops.inverse_variances(log_var), n, k, d, sd, _address(s_mciv), _address(ops.norm),
-             _address(ops.sq), _address(ops.half_log_det), _address(ops.bad_row),
-             _address(ops.bad_class), alpha, 1.0 / _TAU[dtype], int(opts.logdet_logits),
-             int(opts.logdet_lkd), _address(logits), _address(lkd))
+             _address(ops.ivm), _address(ops.sq), _address(ops.half_log_det),
+             _address(ops.bad_row), _address(ops.bad_class), alpha, 1.0 / _TAU[dtype],
+             int(opts.logdet_logits), int(opts.logdet_lkd), _address(logits), _address(lkd))
     return logits, lkd
 
 
@@ -682,8 +679,8 @@ def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, 
         gx = tmp.get("gx", (k, width), work)
         np.matmul(g.T, ops.xcx[:, :width].astype(work, copy=False), out=gx)
         lib.call("backward_classes", (dtype, work), _address(x), _address(y), _address(mu),
-                 *ops.inverse_variances(log_var), _address(gl), n, k, d, sd, _address(ops.c),
-                 _address(ops.ivm), _address(ops.mc), _address(gx), width, _address(g_col),
+                 *ops.inverse_variances(log_var), _address(gl), n, k, d, sd,
+                 _address(ops.shift), _address(ops.ivm), _address(gx), width, _address(g_col),
                  _address(gz_col), _address(row_start), _address(entry_class),
                  _address(entry_weight), int(opts.logdet_logits), int(opts.logdet_lkd),
                  int(need_dmu), int(need_ds), _address(dmu), _address(ds))

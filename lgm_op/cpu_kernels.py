@@ -32,20 +32,17 @@ _FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"
 
 _P, _I, _D, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 # name -> argument types (pointers are passed as integer addresses)
-_IVS = (_P, _P, _D, _D, _P, _P)   # s, iv, logvar_min, logvar_max, cache, ready
-_SHAPE = (_I, _I, _I, _I)         # n, k, d, sd
+_SHAPE = (_I, _I, _I, _I)           # n, k, d, sd
+_IVS = (_P, _D, _D, _P, _P)         # log_var, logvar_min, logvar_max, iv_cache, iv_ready
 _SIGNATURES = {
-    "prepare_features": (_P, _P) + _SHAPE + (_D, _P, _P, _P, _P),
-    "clamp_log_var": (_P, _I, _D, _D, _P, _P),
-    "prepare_classes": (_P, _P, _P, _P) + _SHAPE + (_P, _P, _P, _P, _P, _P),
-    "forward_epilogue": (_P, _P, _P) + _IVS + _SHAPE + (_P, _P, _P, _P, _P, _P, _D, _D, _C, _C,
-                                                        _P, _P),
-    "backward_weights": (_P, _P, _P) + _SHAPE + (_P, _P, _D, _P, _P, _P, _P, _P, _P),
-    "backward_features": (_P, _P) + _IVS + _SHAPE + (_P, _P, _P, _P, _P, _P),
-    "backward_classes": (_P, _P, _P) + _IVS + (_P,) + _SHAPE + (_P, _P, _P, _P, _I, _P, _P, _P,
-                                                                _P, _P, _C, _C, _C, _C, _P, _P),
+    "prepare": (_P, _P, _P) + _SHAPE + (_D, _D) + (_P,) * 9,
+    "forward_epilogue": (_P, _P, _P) + _IVS + _SHAPE + (_P,) * 7 + (_D, _D, _C, _C, _P, _P),
+    "backward_weights": (_P, _P, _P) + _SHAPE + (_P, _P, _D) + (_P,) * 6,
+    "backward_features": (_P, _P) + _IVS + _SHAPE + (_P,) * 6,
+    "backward_classes": (_P, _P, _P) + _IVS + (_P,) + _SHAPE + (_P, _P, _P, _I) + (_P,) * 5 + (
+        _C, _C, _C, _C, _P, _P),
 }
-_PER_TYPE = ("prepare_features", "clamp_log_var", "prepare_classes", "forward_epilogue")
+_PER_TYPE = ("prepare", "forward_epilogue")
 _PER_PAIR = ("backward_weights", "backward_features", "backward_classes")
 _TYPE_SUFFIX = {np.dtype(np.float32): "f", np.dtype(np.float64): "d"}
 _PAIR_SUFFIX = {(np.dtype(np.float32), np.dtype(np.float32)): "f",
