@@ -1,17 +1,18 @@
 // The CPU path's passes outside the matrix products (SPEC sections 1-2), multi-threaded with
-// OpenMP, framework-free: plain arrays in, plain arrays out. lgm_op/cpu_native.py builds this
-// file with g++ and runs the matrix products through NumPy's BLAS between these passes:
+// OpenMP, framework-free: plain arrays in, plain arrays out. lgm_op/cpu_kernels.py builds this
+// file with g++; lgm_op/cpu.py runs the matrix products through NumPy's BLAS between the passes:
 //
-//   prepare_features, clamp_log_var  ->  (NumPy) iv = exp(-c)  ->  prepare_classes
-//   forward:   (BLAS) A = x^2 iv^T, S = x (mu iv)^T  ->  forward_epilogue
-//   backward:  backward_weights  ->  (BLAS) [P | Q] = G [iv | mu iv], [GX | GX2] = G^T [x | x^2]
+//   prepare (features and classes)
+//   forward:   (BLAS) A = xc^2 iv^T, S = xc (mc iv)^T  ->  forward_epilogue
+//   backward:  backward_weights  ->  (BLAS) [P | Q] = G [iv | mc iv], [GX | GX2] = G^T [xc | xc^2]
 //              ->  backward_features (dx), backward_classes (dmu, dlog_var)
 //
-// Everything is on operands shifted by a centroid of the class means (cpu.py explains why), and
-// the entries the expansion cannot give exactly (the label column, an entry whose expansion may
-// have cancelled, rows and classes that are not finite) are computed directly in double from
-// the unshifted inputs. Each function is a template over the storage type T (and the backward's
-// work type W of the matrix products) exported per type by LGM_EXPORT_* at the end.
+// Everything is on operands shifted by a centroid of the class means (xc = x - shift,
+// mc = mu - shift; cpu.py explains why), and the entries the expansion cannot give exactly (the
+// label column, an entry whose expansion may have cancelled, rows and classes that are not
+// finite) are computed directly in double from the unshifted inputs. Each function is a template
+// over the storage type T (and the backward's work type W of the matrix products), exported per
+// type by LGM_EXPORT_* at the end.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -20,6 +20,11 @@ Accuracy comes by construction, not from a wider type:
 - In backward the same label column, rows and columns enter directly (their upstream gradient is
   taken out of the matrix products), so gradients near the class means do not cancel either.
 
+Two implementations of the same math: the compiled passes (``kernels/lgm_cpu.cpp``, built with
+g++ and OpenMP by :mod:`lgm_op.cpu_kernels`), which fuse every pass outside the matrix products and
+run it on every core, and NumPy alone, where no compiler is present (``LGM_OP_CPU_KERNELS``
+chooses; see that module). Both run the matrix products through NumPy's BLAS.
+
 Framework-free: NumPy arrays in, NumPy arrays out, optionally written into caller-given buffers
 (``out``); the launchers in ``cuda.py`` share these signatures.
 """

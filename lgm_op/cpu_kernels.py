@@ -130,3 +130,4 @@ def kernels():
         raise RuntimeError(f"lgm: {ENV}=1 asks for the compiled CPU passes, which are "
                            f"unavailable: {_loaded['error']}")
     return module
+

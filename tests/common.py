@@ -1,6 +1,8 @@
 """Shared test material: the odd shapes, the dtypes with their tolerances, option sets, data
 generation and a comparison that reports the worst element. Framework-free (no MXNet import)."""
+import contextlib
 import itertools
+import os
 
 import numpy as np
 
@@ -162,3 +164,18 @@ def put_nonfinite(inp, where, value, dtype):
         value = 1e160 if np.dtype(dtype) == np.float64 else 1e30
     out[where].reshape(out[where].shape[0], -1)[1, -1] = value
     return out, (1 if where == "x" else None), (None if where == "x" else 1)
+
+
+@contextlib.contextmanager
+def cpu_kernels_env(value):
+    """LGM_OP_CPU_KERNELS set to ``value`` ("1": the compiled CPU passes, "0": the NumPy path)
+    while the block runs."""
+    old = os.environ.get("LGM_OP_CPU_KERNELS")
+    os.environ["LGM_OP_CPU_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LGM_OP_CPU_KERNELS"]
+        else:
+            os.environ["LGM_OP_CPU_KERNELS"] = old

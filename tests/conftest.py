@@ -12,3 +12,11 @@ def seed(request):
 @pytest.fixture
 def rng(seed):
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def cpu_path(request, monkeypatch):
+    """Runs a test on both CPU implementations: the compiled passes (LGM_OP_CPU_KERNELS=1, an
+    error if they cannot be built) and the NumPy fallback (LGM_OP_CPU_KERNELS=0)."""
+    monkeypatch.setenv("LGM_OP_CPU_KERNELS", "1" if request.param == "compiled" else "0")
+    return request.param

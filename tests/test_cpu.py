@@ -1,4 +1,5 @@
-"""The NumPy/BLAS CPU path against the references (SPEC section 5), framework calls excluded."""
+"""The CPU path against the references (SPEC section 5), framework calls excluded: every test
+runs on the compiled passes and on the NumPy fallback (the ``cpu_path`` fixture)."""
 import numpy as np
 import pytest
 
@@ -7,6 +8,8 @@ from common import (DTYPES, RTOL64, SHAPES, SMALL_SHAPES, assert_close, assert_f
 from lgm_op.cpu import lgm_backward_cpu, lgm_forward_cpu
 from lgm_op.options import LGMOptions
 from lgm_op.reference import autograd_grads, numpy_forward, numpy_grads
+
+pytestmark = pytest.mark.usefixtures("cpu_path")
 
 
 def _run_cpu(inp, opts, training, label="y"):

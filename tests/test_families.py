@@ -1,5 +1,5 @@
-"""SPEC section 5's input families on both CPU backends: the NumPy/BLAS path and the CUDA kernels
-run by the CPU simulator, float32 and float64, forward and every gradient, against the autograd
+"""SPEC section 5's input families on every CPU backend: the CPU path's compiled passes, its NumPy
+fallback and the CUDA kernels run by the CPU simulator, float32 and float64, forward and every gradient, against the autograd
 reference (float64 for the answer, float32 for the yardstick of the float32 rule).
 
 Non-finite entries (SPEC section 4): a NaN, Inf or overflowing value in one feature row, one mean
@@ -10,14 +10,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from common import (FAMILIES, NONFINITE, RTOL64, assert_close, assert_float32_rule, family_inputs,
-                    put_nonfinite)
+from common import (FAMILIES, NONFINITE, RTOL64, assert_close, assert_float32_rule,
+                    cpu_kernels_env, family_inputs, put_nonfinite)
 from lgm_op.cpu import CPUState, lgm_backward_cpu, lgm_forward_cpu
 from lgm_op.options import LGMOptions
 from lgm_op.reference import autograd_grads
 
 NAMES = ("logits", "lkd", "dx", "dmean", "dlog_var")
-BACKENDS = ["cpu", "sim"]
+BACKENDS = ["cpu", "numpy", "sim"]
 # sizes on both sides of the kernels' tiles, and past the CPU path's sample for its centroid
 FAMILY_SHAPES = [(37, 11, 19), (130, 300, 3)]
 OPTION_CASES = [dict(), dict(logdet_lkd=False, logdet_logits=False), dict(isotropic=True)]
@@ -25,11 +25,15 @@ OPTION_CASES = [dict(), dict(logdet_lkd=False, logdet_logits=False), dict(isotro
 
 def run(backend, inp, opts, training=True, label=True):
     """(logits, lkd, dx, dmean, dlog_var) of one backend's framework-free functions."""
-    if backend == "cpu":
-        forward, backward, extra = lgm_forward_cpu, lgm_backward_cpu, {"state": CPUState()}
-    else:
-        from lgm_op.cuda import lgm_backward_cuda, lgm_forward_cuda
-        forward, backward, extra = lgm_forward_cuda, lgm_backward_cuda, {}
+    if backend in ("cpu", "numpy"):
+        with cpu_kernels_env("1" if backend == "cpu" else "0"):
+            return _run(lgm_forward_cpu, lgm_backward_cpu, {"state": CPUState()}, inp, opts,
+                        training, label)
+    from lgm_op.cuda import lgm_backward_cuda, lgm_forward_cuda
+    return _run(lgm_forward_cuda, lgm_backward_cuda, {}, inp, opts, training, label)
+
+
+def _run(forward, backward, extra, inp, opts, training, label):
     y = inp["y"] if label else None
     logits, lkd = forward(inp["x"], y, inp["mu"], inp["s"], opts, training, **extra)
     y_used = inp["y"] if label else np.argmax(logits, axis=1)

@@ -1,0 +1,199 @@
+"""The CPU path's compiled passes (kernels/lgm_cpu.cpp through lgm_op.cpu_kernels): the same
+results as the NumPy fallback, operands kept for the backward only while the inputs are the same
+bytes, sizes where the passes run on several threads, concurrent calls, bad arrays refused before
+any raw memory is touched, and the choice between the two implementations."""
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+from common import assert_close, cpu_kernels_env, make_inputs, option_sets
+import lgm_op.cpu as cpu
+from lgm_op import compile_cache, cpu_kernels
+from lgm_op.cpu import CPUState, lgm_backward_cpu, lgm_forward_cpu
+from lgm_op.options import LGMOptions
+
+NAMES = ("logits", "lkd", "dx", "dmean", "dlog_var")
+# the last two are large enough for every pass to run on several OpenMP threads
+SHAPES = [(1, 1, 1), (7, 13, 33), (129, 10, 2), (300, 257, 40), (65, 1100, 31)]
+
+
+def _step(inp, opts, training=True, label=True, state=None, need=(True, True, True)):
+    y = inp["y"] if label else None
+    logits, lkd = lgm_forward_cpu(inp["x"], y, inp["mu"], inp["s"], opts, training, state=state)
+    y_used = inp["y"] if label else np.argmax(logits, axis=1)
+    grads = lgm_backward_cpu(inp["x"], y_used, inp["mu"], inp["s"], inp["gz"], inp["gl"], opts,
+                             training, need=need, state=state)
+    return (logits, lkd) + tuple(grads)
+
+
+def _both(inp, opts, **kwargs):
+    with cpu_kernels_env("1"):
+        compiled = _step(inp, opts, **kwargs)
+    with cpu_kernels_env("0"):
+        numpy_path = _step(inp, opts, **kwargs)
+    return compiled, numpy_path
+
+
+def _cast(inp, dtype):
+    return {key: (v.astype(dtype) if key != "y" else v) for key, v in inp.items()}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_equals_numpy_path(shape, dtype, rng, seed):
+    n, k, d = shape
+    for opts in option_sets(k):
+        inp = _cast(make_inputs(rng, n, k, d, isotropic=opts.isotropic), dtype)
+        for label in (True, False):
+            if not label and opts.with_label is False:
+                continue
+            compiled, numpy_path = _both(inp, opts, label=label, state=CPUState())
+            # each meets its dtype's rule against float64 (test_cpu.py, test_families.py); against
+            # each other: float64 to 1e-12; float32 to a few roundings of the largest term of
+            # each sum (the two sum in different orders, and a gradient entry may cancel)
+            rtol, atol_scale = (1e-12, 1e-14) if dtype == np.float64 else (2e-5, 2e-5)
+            for name, a, b in zip(NAMES, compiled, numpy_path):
+                assert a.dtype == dtype, name
+                assert_close(a, b, rtol, f"{name} {shape} {opts} label={label}", seed,
+                             atol_scale=atol_scale)
+
+
+@pytest.mark.parametrize("keep_bytes", [None, 0])
+@pytest.mark.parametrize("changed", ["x", "mu", "s"])
+def test_backward_uses_its_own_inputs(changed, keep_bytes, rng, seed, monkeypatch):
+    """A backward whose inputs differ from its forward's (even by one entry) computes on its own
+    inputs, whether the forward saved its operands (small inputs) or not (keep_bytes=0)."""
+    if keep_bytes is not None:
+        monkeypatch.setattr(cpu, "_KEEP_BYTES", keep_bytes)
+    opts = LGMOptions(num_classes=6)
+    inp = make_inputs(rng, 40, 6, 9)
+    other = {key: v.copy() for key, v in inp.items()}
+    other[changed].reshape(-1)[5] += 0.25
+    with cpu_kernels_env("1"):
+        state = CPUState()
+        lgm_forward_cpu(inp["x"], inp["y"], inp["mu"], inp["s"], opts, True, state=state)
+        got = lgm_backward_cpu(other["x"], other["y"], other["mu"], other["s"], other["gz"],
+                               other["gl"], opts, True, state=state)
+        want = lgm_backward_cpu(other["x"], other["y"], other["mu"], other["s"], other["gz"],
+                                other["gl"], opts, True)
+    for name, a, b in zip(NAMES[2:], got, want):
+        np.testing.assert_array_equal(a, b, err_msg=f"{name} after changing {changed}")
+
+
+def test_saved_operands_give_the_same_bits(rng, monkeypatch):
+    opts = LGMOptions(num_classes=9)
+    inp = make_inputs(rng, 50, 9, 17)
+    with cpu_kernels_env("1"):
+        kept = _step(inp, opts, state=CPUState())
+        monkeypatch.setattr(cpu, "_KEEP_BYTES", 0)
+        rebuilt = _step(inp, opts, state=CPUState())
+        plain = _step(inp, opts)
+    for name, a, b, c in zip(NAMES, kept, rebuilt, plain):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+        np.testing.assert_array_equal(a, c, err_msg=name)
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),
+                                  (False, True, True)])
+def test_only_needed_gradients(need, rng, seed):
+    opts = LGMOptions(num_classes=7)
+    inp = make_inputs(rng, 30, 7, 40)
+    with cpu_kernels_env("1"):
+        full = _step(inp, opts)[2:]
+        part = _step(inp, opts, need=need)[2:]
+    for name, wanted, a, b in zip(NAMES[2:], need, part, full):
+        if wanted:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            assert a is None, name
+
+
+def test_concurrent_calls_from_threads(rng):
+    """Calls on several threads at once (each with its own OpenMP team) give each its own answer."""
+    opts = LGMOptions(num_classes=300)
+    inputs = [make_inputs(np.random.default_rng(i), 200, 300, 24) for i in range(4)]
+    with cpu_kernels_env("1"):
+        want = [_step(inp, opts) for inp in inputs]
+        got = [None] * len(inputs)
+
+        def work(i):
+            for _ in range(3):
+                got[i] = _step(inputs[i], opts, state=CPUState())
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    # the BLAS may split a product differently while other threads use it: equal to rounding
+    for w, g in zip(want, got):
+        for name, a, b in zip(NAMES, g, w):
+            assert_close(a, b, 1e-12, name, 0, atol_scale=1e-13)
+
+
+def test_bad_arrays_are_refused_before_the_passes(rng):
+    opts = LGMOptions(num_classes=4)
+    inp = make_inputs(rng, 6, 4, 3)
+    with cpu_kernels_env("1"):
+        with pytest.raises(ValueError, match=r"lgm: out logits must have shape \(6, 4\), got \(6, 5\)"):
+            lgm_forward_cpu(inp["x"], inp["y"], inp["mu"], inp["s"], opts, True,
+                            out=(np.empty((6, 5)), None))
+        with pytest.raises(ValueError, match="lgm: out lkd must be a writeable C-contiguous float64"):
+            lgm_forward_cpu(inp["x"], inp["y"], inp["mu"], inp["s"], opts, True,
+                            out=(None, np.empty(12)[::2]))
+        with pytest.raises(ValueError, match=r"lgm: mean must have shape \(4, 3\), got \(3, 3\)"):
+            lgm_forward_cpu(inp["x"], inp["y"], inp["mu"][:3], inp["s"], opts, True)
+        with pytest.raises(ValueError, match=r"lgm: grad_logits must have shape \(6, 4\), got \(6, 3\)"):
+            lgm_backward_cpu(inp["x"], inp["y"], inp["mu"], inp["s"], inp["gz"][:, :3], inp["gl"],
+                             opts, True)
+        with pytest.raises(ValueError, match="lgm: data must be float32 or float64, got float16"):
+            lgm_forward_cpu(inp["x"].astype(np.float16), inp["y"], inp["mu"], inp["s"], opts, True)
+
+
+def test_mixed_dtypes_are_computed_in_the_data_dtype(rng):
+    opts = LGMOptions(num_classes=5)
+    inp = make_inputs(rng, 8, 5, 4)
+    x32 = inp["x"].astype(np.float32)
+    with cpu_kernels_env("1"):
+        logits, lkd = lgm_forward_cpu(x32, inp["y"], inp["mu"], inp["s"], opts, True)
+        want, _ = lgm_forward_cpu(x32, inp["y"], inp["mu"].astype(np.float32),
+                                  inp["s"].astype(np.float32), opts, True)
+    assert logits.dtype == np.float32
+    np.testing.assert_array_equal(logits, want)
+
+
+@pytest.mark.parametrize("value", ["", "2", "yes", "auto"])
+def test_bad_environment_value_is_an_error(value, monkeypatch, rng):
+    monkeypatch.setenv("LGM_OP_CPU_KERNELS", value)
+    inp = make_inputs(rng, 3, 2, 2)
+    with pytest.raises(ValueError, match=f"lgm: environment variable LGM_OP_CPU_KERNELS must be "
+                                         f"unset, 1 .* or 0 .*, got {value!r}"):
+        lgm_forward_cpu(inp["x"], inp["y"], inp["mu"], inp["s"], LGMOptions(num_classes=2), True)
+
+
+def test_without_a_compiler(monkeypatch, rng, seed):
+    """No compiler: unset gives the NumPy path with one warning naming the cause; =1 is an error."""
+    def fail(*args, **kwargs):
+        raise compile_cache.CompileError("cpu: the compiler 'g++' was not found")
+
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(compile_cache, "build_shared_object", fail)
+    monkeypatch.delenv("LGM_OP_CPU_KERNELS", raising=False)
+    opts = LGMOptions(num_classes=3)
+    inp = make_inputs(rng, 5, 3, 4)
+    with pytest.warns(RuntimeWarning, match="compiled CPU passes are unavailable .*'g\\+\\+' was "
+                                            "not found.*NumPy alone"):
+        got = _step(inp, opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _step(inp, opts)                      # warned once per process
+    with cpu_kernels_env("0"):
+        want = _step(inp, opts)
+    for name, a, b in zip(NAMES, got, want):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    with cpu_kernels_env("1"):
+        with pytest.raises(RuntimeError, match="LGM_OP_CPU_KERNELS=1 asks for the compiled CPU "
+                                               "passes, which are unavailable: .*not found"):
+            _step(inp, opts)
