@@ -375,6 +375,9 @@ void backward_weights(const T* grad_logits, const T* grad_lkd, const i64* label,
     const bool parallel = parallel_for(sh.n * sh.k);
     const int threads = parallel ? omp_get_max_threads() : 1;
     std::vector<double> partial(size_t(threads) * 2 * sh.k, 0.0);
+    std::vector<i64> bad_classes;
+    for (i64 k = 0; k < sh.k; ++k)
+        if (bad_class[k]) bad_classes.push_back(k);
 #pragma omp parallel num_threads(threads) if (parallel)
     {
         double* gc = partial.data() + size_t(omp_get_thread_num()) * 2 * sh.k;
@@ -390,15 +393,29 @@ void backward_weights(const T* grad_logits, const T* grad_lkd, const i64* label,
             }
             const i64 y = label[i];
             i64 e = row_start[i];
-            for (i64 k = 0; k < sh.k; ++k) {
-                if (!(bad_row[i] || bad_class[k] || k == y)) continue;
+            auto take = [&](i64 k) {
                 double w = double(gi[k]);
                 if (k == y) w = w * (1.0 + alpha) + double(grad_lkd[i]);
                 entry_class[e] = k;
                 entry_weight[e] = w;
                 ++e;
                 gi[k] = 0;
+            };
+            if (bad_row[i]) {
+                for (i64 k = 0; k < sh.k; ++k) take(k);
+            } else {
+                bool label_taken = false;      // in class order: the bad classes and the label
+                for (i64 k : bad_classes) {
+                    if (!label_taken && y < k) {
+                        take(y);
+                        label_taken = true;
+                    }
+                    if (k == y) label_taken = true;
+                    take(k);
+                }
+                if (!label_taken) take(y);
             }
+            // the column sums of what is left in G (the row is still in cache)
             for (i64 k = 0; k < sh.k; ++k) gc[k] += double(gi[k]);
         }
     }
