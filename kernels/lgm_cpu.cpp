@@ -28,16 +28,19 @@ typedef int64_t i64;
 
 namespace {
 
-// Below this many multiply-adds a pass runs on the calling thread: waking sleeping OpenMP
-// workers costs more than the pass.
-const i64 kParallelWork = 1 << 15;
+// Below this many elements a pass runs on the calling thread: waking sleeping OpenMP workers,
+// and sharing the cores with the BLAS threads that still spin after a matrix product, costs
+// more than the pass (measured on 2 cores inside MXNet callbacks).
+const i64 kParallelWork = 1 << 17;
 // The centroid is the mean of at most this many evenly spaced class means (cpu.py: _centroid).
 const i64 kCentroidRows = 63;
 
 inline bool parallel_for(i64 work) { return work >= kParallelWork; }
 
-inline double clamp(double v, double lo, double hi) {
-    return v != v ? v : std::min(std::max(v, lo), hi);     // NaN stays NaN
+// clip(v, lo, hi) with NaN kept (as np.clip), in a form the compiler vectorises
+template <typename T>
+inline T clamp(T v, T lo, T hi) {
+    return v < lo ? lo : (v > hi ? hi : v);
 }
 
 struct Shape {
@@ -261,8 +264,7 @@ void prepare_classes(const T* mu, const T* s, const T* shift, const Shape& sh, d
         T* row = ivm + k * width;
         double log_det = 0;
         for (i64 j = 0; j < sh.sd; ++j) {
-            T v = sk[j];
-            T clamped = v != v ? v : std::min(std::max(v, lo), hi);
+            T clamped = clamp(sk[j], lo, hi);
             log_det += double(clamped);
             row[j] = -clamped;
         }
@@ -304,7 +306,7 @@ void forward_epilogue(const T* x, const i64* label, const T* mu,
                       const T* half_log_det, const uint8_t* bad_row, const uint8_t* bad_class,
                       ForwardOptions o, T* logits, T* lkd) {
     const bool iso = sh.sd == 1;
-    const T inv_tau = T(o.inv_tau), minus_half = T(-0.5);
+    const T inv_tau = T(o.inv_tau), minus_half = T(-0.5), log_det_scale = o.logdet_logits;
 #pragma omp parallel if (parallel_for(sh.n * sh.k))
     {
         std::vector<uint8_t> direct(sh.k);
@@ -313,14 +315,17 @@ void forward_epilogue(const T* x, const i64* label, const T* mu,
             T* row = logits + i * sh.k;
             const T* srow = s_mciv + i * sh.k;
             const T nrm = norm[i];
-            // (a) the expansion, and where it may have cancelled
-            for (i64 k = 0; k < sh.k; ++k) {
-                T a = iso ? nrm * ivm[k * (sh.d + 1)] : row[k];
-                T t = a + sq[k];
+            // (a) the expansion, and where it may have cancelled (a class's log-det term is
+            // finite unless the class is bad, whose entries are replaced in (b))
+            const i64 classes = sh.k;          // a local bound: the byte stores below could
+            uint8_t* flag = direct.data();     // alias sh as far as the compiler knows
+            if (iso)
+                for (i64 k = 0; k < classes; ++k) row[k] = nrm * ivm[k * (sh.d + 1)];
+            for (i64 k = 0; k < classes; ++k) {
+                T t = row[k] + sq[k];
                 T two_d = T(-2) * srow[k] + t;
-                direct[k] = uint8_t(!(two_d >= t * inv_tau)) | bad_class[k];
-                T value = two_d * minus_half;
-                row[k] = o.logdet_logits ? value - half_log_det[k] : value;
+                flag[k] = uint8_t(!(two_d >= t * inv_tau)) | bad_class[k];
+                row[k] = two_d * minus_half - log_det_scale * half_log_det[k];
             }
             const i64 y = label ? label[i] : -1;
             if (y >= 0) direct[y] = 1;
@@ -554,7 +559,7 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
                 for (i64 j = 0; j < sh.sd; ++j) {
                     // the clamp passes no gradient where it changed the value (or it is NaN)
                     const T v = sk[j];
-                    bool blocked = !(std::min(std::max(v, lo), hi) == v);
+                    bool blocked = !(clamp(v, lo, hi) == v);
                     out[j] = blocked ? T(0) : T(iso ? ds_iso : ds[j]);
                 }
             }
