@@ -70,7 +70,9 @@ class _FreeBuffers:
     def __init__(self, per_key=4):
         self.per_key = per_key
         self.free = {}
-        self.lock = threading.Lock()
+        # reentrant: the garbage collector may run while the lock is held (any allocation can
+        # start it) and collect a pool, whose __del__ gives its buffers back on the same thread
+        self.lock = threading.RLock()
 
     def take(self, shape, dtype):
         with self.lock:

@@ -197,3 +197,31 @@ def test_without_a_compiler(monkeypatch, rng, seed):
         with pytest.raises(RuntimeError, match="LGM_OP_CPU_KERNELS=1 asks for the compiled CPU "
                                                "passes, which are unavailable: .*not found"):
             _step(inp, opts)
+
+
+def test_buffers_given_back_by_the_garbage_collector_inside_a_take():
+    """A pool collected by the cycle collector while another pool takes a buffer (the collector
+    can run at any allocation, with the free list's lock held) gives its buffers back on the
+    same thread: no deadlock. The collection is made to happen at that moment by a shape whose
+    hash (taken under the lock) runs the collector."""
+    import gc
+
+    class CollectingShape(tuple):
+        def __hash__(self):
+            gc.collect()
+            return tuple.__hash__(self)
+
+    done = threading.Event()
+
+    def work():
+        pool = cpu._Pool()
+        pool.get("a", (3, 4), np.float32)
+        pool.cycle = pool                 # only the cycle collector frees it
+        del pool
+        cpu._FREE.take(CollectingShape((5, 6)), np.float64)
+        done.set()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert done.is_set(), "taking a buffer deadlocked against a pool's __del__"
