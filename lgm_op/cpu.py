@@ -566,8 +566,9 @@ def _check_arrays(opts, x, label, mu, log_var, **others):
     for name, (array, shape) in wanted.items():
         if array is not None and array.shape != shape:
             raise ValueError(f"lgm: {name} must have shape {shape}, got {array.shape}")
-    for name in ("logits", "lkd", "dx", "dmu", "ds"):
-        array = others.get(name)
+    for key, name in (("logits", "logits"), ("lkd", "lkd"), ("dx", "dx"), ("dmu", "dmu"),
+                      ("ds", "dlog_var")):
+        array = others.get(key)
         if array is not None and (array.dtype != x.dtype or not array.flags.c_contiguous or
                                   not array.flags.writeable):
             raise ValueError(f"lgm: out {name} must be a writeable C-contiguous {x.dtype.name} "
