@@ -554,7 +554,7 @@ def _check_arrays(opts, x, label, mu, log_var, **others):
     """The compiled passes index raw memory: every array must have exactly its shape."""
     n, d = x.shape if x.ndim == 2 else (None, None)
     k = opts.num_classes
-    wanted = {"data": (x, (n, d)), "mean": (mu, (k, d)),
+    wanted = {"mean": (mu, (k, d)),
               "log_var": (log_var, (k, 1 if opts.isotropic else d)),
               "label": (label, (n,)), "grad_logits": (others.get("grad_logits"), (n, k)),
               "grad_lkd": (others.get("grad_lkd"), (n,)), "out logits": (others.get("logits"), (n, k)),
