@@ -19,7 +19,7 @@ Providers, on identical inputs:
 Per size: the float64 reference of ``lgm_op.reference`` (over chunks of rows where N x K x D does
 not fit), every loss provider checked against it (outputs and the three gradients, relative to
 each array's largest entry; a wrong provider is not timed), ``--warmup`` untimed steps each, then
-rounds in which every provider runs once, in an order that rotates from round to round. Each
+rounds in which every provider runs once, in an order drawn afresh each round. Each
 provider gets the median and spread of its rounds; each peer the median of its per-round ratios
 peer time / op time (> 1: the op is ahead). Then, per ``--memory-sizes`` entry, the peak RSS growth
 of one forward+backward of each provider in a fresh child process (``VmHWM`` of
@@ -285,13 +285,28 @@ def reference_results(inputs, opts):
 # ---------------------------------------------------------------------------------------------
 # timing: interleaved rounds
 
-def run_rounds(providers, repeats, warmup, max_seconds):
+def round_orders(names, seed):
+    """An endless sequence of orders of ``names``, one per round: each a fresh permutation from a
+    generator seeded with ``seed`` (reproducible). Not a rotation: rotating one order keeps
+    every provider behind the same neighbour in every round (the op would always run right after
+    the naive reference, whose 100 ms of MXNet operators leave every thread asleep and every
+    cache cold, and each stock-op peer after its own variant), which biases the ratios; a
+    permutation gives each provider every predecessor in turn."""
+    import random
+    generator = random.Random(seed)
+    while True:
+        order = list(names)
+        generator.shuffle(order)
+        yield order
+
+
+def run_rounds(providers, repeats, warmup, max_seconds, seed=0):
     """Time ``providers`` (name -> provider, each checked and run once) in rounds.
 
-    Every provider gets ``warmup`` untimed steps; then each round runs every provider once, the
-    order rotating by one from round to round, until ``repeats`` rounds or, after
+    Every provider gets ``warmup`` untimed steps; then each round runs every provider once, in
+    an order drawn afresh each round (:func:`round_orders`), until ``repeats`` rounds or, after
     ``MIN_ROUNDS``, ``max_seconds`` of rounds. Returns (name -> per-round seconds, None where it
-    did not run; name -> failure status of those that failed).
+    did not run; name -> failure status of those that failed; the orders of the rounds).
     """
     failed = {}
     for name, provider in providers.items():
@@ -302,11 +317,12 @@ def run_rounds(providers, repeats, warmup, max_seconds):
             failed[name] = failure_status(exc)
     names = [name for name in providers if name not in failed]
     times = {name: [] for name in names}
+    orders = []
     gc.collect()
     start = time.perf_counter()
-    for r in range(repeats):
-        shift = r % len(names) if names else 0
-        for name in names[shift:] + names[:shift]:
+    for r, order in zip(range(repeats), round_orders(names, seed)):
+        orders.append(order)
+        for name in order:
             if name in failed:
                 times[name].append(None)
                 continue
@@ -317,7 +333,7 @@ def run_rounds(providers, repeats, warmup, max_seconds):
                 times[name].append(None)
         if r + 1 >= MIN_ROUNDS and time.perf_counter() - start >= max_seconds:
             break
-    return times, failed
+    return times, failed, orders
 
 
 def ratio_stats(numerator, denominator):
@@ -390,8 +406,10 @@ def time_in_rounds(record, ready, args, label, op=OP):
     """Time the checked providers ``ready`` in interleaved rounds and fill ``record``'s entries:
     raw times, statistics, and each peer's median per-round ratio to the op."""
     print(f"[{label}] {len(ready)} providers in rounds ...", flush=True)
-    times, failed = run_rounds(ready, args.repeats, args.warmup, args.max_seconds)
+    times, failed, orders = run_rounds(ready, args.repeats, args.warmup, args.max_seconds,
+                                       seed=args.seed)
     record["rounds"] = max((len(t) for t in times.values()), default=0)
+    record["round_orders"] = orders
     op_times = times.get(op)
     for name, entry in record["providers"].items():
         if name in failed:
@@ -656,7 +674,8 @@ def main(argv=None):
         "dtype": "float32", "training": True, "options": options(1).to_attrs(),
         "repeats": args.repeats, "warmup": args.warmup, "max_seconds": args.max_seconds,
         "tolerance": args.tolerance, "seed": args.seed, "omp_threads": args.omp_threads,
-        "order": "rounds; each runs every provider once, the order rotating by one per round",
+        "order": "rounds; each runs every provider once, in a seeded random order drawn afresh "
+                 "per round (round_orders in each size's record)",
         "ratio": "median over rounds of (provider time / op time)",
         "timer": "time.perf_counter around one forward+backward, synchronised "
                  "(mx.nd.waitall() for MXNet providers)",

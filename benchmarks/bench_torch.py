@@ -14,8 +14,8 @@ three input gradients, on identical inputs. Providers:
 Compiled providers use static shapes (one compilation per size, outside the timing). Per size:
 the float64 reference of ``lgm_op.reference`` (``bench_cpu.reference_results``, over row chunks
 where N x K x D does not fit), every provider checked against it (a wrong provider is not timed),
-``--warmup`` untimed steps, then rounds in which every provider runs once in a rotating order
-(``bench_cpu.run_rounds``). Each provider gets the median and spread of its rounds, each peer the
+``--warmup`` untimed steps, then rounds in which every provider runs once in an order drawn afresh
+each round (``bench_cpu.run_rounds``). Each provider gets the median and spread of its rounds, each peer the
 median of its per-round ratios peer time / op time (> 1: the op is ahead). A provider that fails,
 runs out of memory or whose estimate does not fit is recorded as such and the run goes on.
 
@@ -329,7 +329,8 @@ def main(argv=None):
         "repeats": args.repeats, "warmup": args.warmup, "max_seconds": args.max_seconds,
         "tolerance": args.tolerance, "seed": args.seed, "torch_threads": torch.get_num_threads(),
         "compile": "torch.compile(fullgraph=True, dynamic=False), compiled in the first step",
-        "order": "rounds; each runs every provider once, the order rotating by one per round",
+        "order": "rounds; each runs every provider once, in a seeded random order drawn afresh "
+                 "per round (round_orders in each size's record)",
         "ratio": "median over rounds of (provider time / op time)",
         "timer": "time.perf_counter around one forward+backward"
                  + (", torch.cuda.synchronize() at its end" if args.device == "cuda" else ""),

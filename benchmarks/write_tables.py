@@ -143,7 +143,8 @@ def _targets(record):
 def _explanation():
     return ("Float32, training mode, forward+backward with random upstream gradients and all "
             "three input gradients; time = median over the rounds, each round running every "
-            "provider once in a rotating order; in parentheses the median over rounds of "
+            "provider once in an order drawn afresh per round; in parentheses the median over "
+            "rounds of "
             "provider time / op time (> 1: the op is ahead); peak RSS growth of one "
             "forward+backward in a fresh process")
 

@@ -14,6 +14,7 @@
 // over the storage type T (and the backward's work type W of the matrix products), exported per
 // type by LGM_EXPORT_* at the end.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -27,14 +28,23 @@ typedef int64_t i64;
 
 namespace {
 
-// Below this many elements a pass runs on the calling thread: waking sleeping OpenMP workers
-// costs more than the pass (2^17 measured slower than 2^15 at 128 x 100 x 384 inside MXNet
-// callbacks on 2 cores, and no faster at 256 x 1000 x 128).
-const i64 kParallelWork = 1 << 15;
+// Below this many elements (about a millisecond of work) a pass runs on the calling thread.
+// Under OMP_WAIT_POLICY=PASSIVE, which MXNet wants, an OpenMP region wakes sleeping threads
+// (measured 12-52 us a region here) that then compete with MXNet's engine and NumPy's BLAS
+// threads for the cores. Measured inside MXNet on 2 cores, interleaved with the stock-op peer
+// (peer / op): 128 x 100 x 384 1.05-1.16 with every pass on one thread vs 0.89-0.91 from 2^15
+// on; 256 x 1000 x 128 1.16-1.26 vs 0.96-1.06; 512 x 10000 x 512 1.06-1.14 either way (the
+// products dominate there).
+const i64 kParallelWork = 1 << 20;
+// The threshold in force: kParallelWork unless lgm_set_parallel_work changed it (the tests run
+// every pass threaded on small arrays that way).
+std::atomic<i64> parallel_work{kParallelWork};
 // The centroid is the mean of at most this many evenly spaced class means (cpu.py: _centroid).
 const i64 kCentroidRows = 63;
 
-inline bool parallel_for(i64 work) { return work >= kParallelWork; }
+inline bool parallel_for(i64 work) {
+    return work >= parallel_work.load(std::memory_order_relaxed);
+}
 
 // clip(v, lo, hi) with NaN kept (as np.clip), in a form the compiler vectorises
 template <typename T>
@@ -625,6 +635,12 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
                          BackwardOptions{logdet_logits, logdet_lkd, need_mean, need_log_var},   \
                          dmu, dlog_var);                                                        \
     }
+
+// Sets the number of elements from which a pass runs on several threads (0: kParallelWork);
+// returns the previous one.
+extern "C" LGM_API i64 lgm_set_parallel_work(i64 elements) {
+    return parallel_work.exchange(elements > 0 ? elements : kParallelWork);
+}
 
 extern "C" LGM_API void lgm_direct_row_starts(const i64 *label, const uint8_t *bad_row,
                                               const uint8_t *bad_class, i64 n, i64 k,

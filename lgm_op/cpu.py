@@ -37,7 +37,7 @@ import numpy as np
 from . import cpu_kernels
 from .checks import check_float_dtype, validate_labels_numpy
 
-__all__ = ["lgm_forward_cpu", "lgm_backward_cpu", "CPUState", "clamp_log_var"]
+__all__ = ["lgm_forward_cpu", "lgm_backward_cpu", "CPUState", "clamp_log_var", "numpy_matmul"]
 
 # An expanded entry is kept when 2d * tau >= A + B. Its rounding error is then at most a few ulps
 # of tau * d: float32 keeps only entries that did not cancel at all (the error of the float32
@@ -350,8 +350,15 @@ def _entry_point(function):
     return entry
 
 
+def numpy_matmul(a, b, out):
+    """out = a @ b through NumPy's BLAS: the compiled path's matrix products unless the caller
+    gives its own (``matmul=``)."""
+    return np.matmul(a, b, out=out)
+
+
 @_entry_point
-def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None, tmp=None):
+def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None, tmp=None,
+                    matmul=None):
     """Forward of SPEC section 1.
 
     x: (N, D) float32/float64; label: (N,) integer-valued labels of any real dtype, or None for the
@@ -360,12 +367,17 @@ def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None,
     out: optional (logits (N, K), lkd (N,)) C-contiguous arrays of x's dtype to write into
     (entries may be None);
     state: optional :class:`CPUState` that keeps operands for the backward of these inputs;
-    tmp: the call's work buffers, supplied by the entry point (not an argument for callers).
+    tmp: the call's work buffers, supplied by the entry point (not an argument for callers);
+    matmul: optional ``f(a, b, out) -> out`` for the compiled path's matrix products (2-D arrays
+    of one dtype, ``a`` or ``b`` possibly transposed views): a framework's own BLAS, whose threads
+    then share the cores with its other operators (default :func:`numpy_matmul`).
     Returns logits: (N, K) and lkd: (N,), in the dtype of x.
     """
     lib = cpu_kernels.kernels()
-    forward = _forward_numpy if lib is None else functools.partial(_forward_compiled, lib)
-    return forward(x, label, mu, log_var, opts, training, out, state, tmp)
+    if lib is None:
+        return _forward_numpy(x, label, mu, log_var, opts, training, out, state, tmp)
+    return _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tmp,
+                             matmul or numpy_matmul)
 
 
 def _forward_numpy(x, label, mu, log_var, opts, training, out, state, tmp):
@@ -435,14 +447,14 @@ def _add_segments(index, *pairs):
 
 @_entry_point
 def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, training,
-                     need=(True, True, True), out=None, state=None, tmp=None):
+                     need=(True, True, True), out=None, state=None, tmp=None, matmul=None):
     """Backward of SPEC section 2.
 
     x: (N, D); label: (N,) labels (for the label-free form, the predicted classes); mu: (K, D);
     log_var: (K, D) or (K, 1); grad_logits: (N, K) = dL/dlogits; grad_lkd: (N,) = dL/dlkd;
     need: which of (dx, dmu, dlog_var) to compute; out: optional (dx, dmu, dlog_var) arrays
     (entries may be None) to write into; state: the :class:`CPUState` given to the forward of
-    these inputs, if any; tmp: as for :func:`lgm_forward_cpu`.
+    these inputs, if any; tmp, matmul: as for :func:`lgm_forward_cpu`.
     Returns dx: (N, D), dmu: (K, D), dlog_var: shaped like log_var, in the dtype of x (None for
     a gradient that is not needed).
     """
@@ -450,9 +462,11 @@ def lgm_backward_cpu(x, label, mu, log_var, grad_logits, grad_lkd, opts, trainin
     if not any(need):
         return None, None, None
     lib = cpu_kernels.kernels()
-    backward = _backward_numpy if lib is None else functools.partial(_backward_compiled, lib)
-    return backward(x, label, mu, log_var, grad_logits, grad_lkd, opts, training, tuple(need),
-                    out, state, tmp)
+    if lib is None:
+        return _backward_numpy(x, label, mu, log_var, grad_logits, grad_lkd, opts, training,
+                               tuple(need), out, state, tmp)
+    return _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, training,
+                              tuple(need), out, state, tmp, matmul or numpy_matmul)
 
 
 def _backward_numpy(x, label, mu, log_var, grad_logits, grad_lkd, opts, training, need, out,
@@ -616,7 +630,7 @@ def _builder(lib):
     return build
 
 
-def _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tmp):
+def _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tmp, matmul):
     x, mu, log_var, ops = _prepare(x, mu, log_var, opts, tmp, state, build=_builder(lib),
                                    keep_bytes=_KEEP_BYTES)
     dtype = x.dtype
@@ -628,9 +642,9 @@ def _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tm
     lkd = np.empty(n, dtype) if lkd is None else lkd
     # 1. A = (xc^2) iv^T into the logits, S = xc (mc iv)^T (isotropic: A = |xc|^2 iv, in the pass)
     if not opts.isotropic:
-        np.matmul(ops.xcx[:, d:], ops.ivm[:, :sd].T, out=logits)
+        matmul(ops.xcx[:, d:], ops.ivm[:, :sd].T, logits)
     s_mciv = tmp.get("nk", (n, k), dtype)
-    np.matmul(ops.xcx[:, :d], ops.ivm[:, sd:].T, out=s_mciv)
+    matmul(ops.xcx[:, :d], ops.ivm[:, sd:].T, s_mciv)
     # 2. the logits from the expansion, the entries it cannot give directly, lkd
     alpha = opts.margin(training) if y is not None else 0.0
     lib.call("forward_epilogue", dtype, _address(x), _address(y), _address(mu),
@@ -642,7 +656,7 @@ def _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tm
 
 
 def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, training, need,
-                       out, state, tmp):
+                       out, state, tmp, matmul):
     need_dx, need_dmu, need_ds = need
     x, mu, log_var, ops = _prepare(x, mu, log_var, opts, tmp, state, reuse=True,
                                    build=_builder(lib))
@@ -675,7 +689,7 @@ def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, 
     # 2. dx = xc * (G iv) - G (mc iv) + the direct entries, from one product G [iv | mc iv]
     if need_dx:
         pq = tmp.get("pq", (n, sd + d), work)
-        np.matmul(g, ops.ivm.astype(work, copy=False), out=pq)
+        matmul(g, ops.ivm.astype(work, copy=False), pq)
         lib.call("backward_features", (dtype, work), _address(x), _address(mu),
                  *ops.inverse_variances(log_var), n, k, d, sd, _address(ops.xcx), _address(pq),
                  _address(row_start), _address(entry_class), _address(entry_weight),
@@ -685,7 +699,7 @@ def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, 
     if need_dmu or need_ds:
         width = d + sd if need_ds else d
         gx = tmp.get("gx", (k, width), work)
-        np.matmul(g.T, ops.xcx[:, :width].astype(work, copy=False), out=gx)
+        matmul(g.T, ops.xcx[:, :width].astype(work, copy=False), gx)
         lib.call("backward_classes", (dtype, work), _address(x), _address(y), _address(mu),
                  *ops.inverse_variances(log_var), _address(gl), n, k, d, sd,
                  _address(ops.shift), _address(ops.ivm), _address(gx), width, _address(g_col),

@@ -79,6 +79,15 @@ class CPUKernels:
         self.row_starts = lib.lgm_direct_row_starts
         self.row_starts.argtypes = (_P, _P, _P, _I, _I, _P)
         self.row_starts.restype = None
+        self._set_parallel_work = lib.lgm_set_parallel_work
+        self._set_parallel_work.argtypes = (_I,)
+        self._set_parallel_work.restype = _I
+
+    def set_parallel_work(self, elements):
+        """Sets the size (elements of the array a pass sweeps) from which the passes run on
+        several threads, for every caller in the process; 0 restores the default (2^20).
+        Returns the previous value. For tests and measurements."""
+        return int(self._set_parallel_work(int(elements)))
 
     @staticmethod
     def _bind(lib, symbol, name):

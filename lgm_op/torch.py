@@ -8,8 +8,11 @@ The op ``lgm_op::lgm_forward`` (data, label or None, mean, log_var, the options,
 implementations, so ``torch.compile(fullgraph=True)`` traces them without graph breaks. The math is
 the framework-free code the MXNet operator runs:
 
-- CPU tensors: ``lgm_op.cpu`` (NumPy/BLAS) on zero-copy NumPy views of the tensors, writing into
-  output tensors allocated by PyTorch;
+- CPU tensors: ``lgm_op.cpu`` on zero-copy NumPy views of the tensors, writing into output
+  tensors allocated by PyTorch, with its matrix products through ``torch.mm`` (PyTorch's BLAS on
+  PyTorch's threads, which then share the cores with its other operators instead of fighting
+  NumPy's BLAS threads for them); a per-thread ``CPUState`` keeps the forward's operands for the
+  backward of the same inputs;
 - CUDA tensors: ``lgm_op.cuda`` (the kernels of ``kernels/``, through CuPy) on zero-copy DLPack
   views, on the tensor's device and on PyTorch's current stream. Nothing is synchronised here
   but the forward's 4-byte read-back of the label check, so a bad label raises at the call.
@@ -21,6 +24,7 @@ section 4. This module needs no MXNet.
 import contextlib
 import functools
 import math
+import threading
 from typing import Optional, Tuple
 
 import numpy as np
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_float_dtype, check_shapes
-from .cpu import lgm_backward_cpu, lgm_forward_cpu
+from .cpu import CPUState, lgm_backward_cpu, lgm_forward_cpu
 from .cuda import lgm_backward_cuda, lgm_forward_cuda
 from .options import parse_options
 from .schedule import SCHEDULE_DEFAULTS, check_iteration, parse_schedule
@@ -120,6 +124,25 @@ def _on_cuda(tensor):
         yield lambda t: None if t is None else cupy.from_dlpack(t.detach())
 
 
+def _torch_matmul(a, b, out):
+    """out = a @ b for the CPU path's NumPy arrays (views, possibly transposed), by torch.mm on
+    zero-copy tensors over them."""
+    torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+    return out
+
+
+# the CPU path's saved operands, one holder per thread (a backward on another thread, or after
+# another forward, finds other inputs there and builds its own)
+_cpu_states = threading.local()
+
+
+def _cpu_state():
+    state = getattr(_cpu_states, "state", None)
+    if state is None:
+        state = _cpu_states.state = CPUState()
+    return state
+
+
 def _call(functions, tensors, *args, out, **kwargs):
     """Run the CPU or the CUDA function of ``functions`` on views of ``tensors`` (the leading
     array arguments, entries may be None), then ``args``, writing into the tensors ``out``."""
@@ -131,8 +154,16 @@ def _call(functions, tensors, *args, out, **kwargs):
         cuda_function(*map(view, tensors), *args, out=tuple(map(view, out)), **kwargs)
 
 
-_FORWARD = (lgm_forward_cpu, lgm_forward_cuda)
-_BACKWARD = (lgm_backward_cpu, lgm_backward_cuda)
+def _forward_cpu(*args, **kwargs):
+    return lgm_forward_cpu(*args, state=_cpu_state(), matmul=_torch_matmul, **kwargs)
+
+
+def _backward_cpu(*args, **kwargs):
+    return lgm_backward_cpu(*args, state=_cpu_state(), matmul=_torch_matmul, **kwargs)
+
+
+_FORWARD = (_forward_cpu, lgm_forward_cuda)
+_BACKWARD = (_backward_cpu, lgm_backward_cuda)
 
 
 # ---------------------------------------------------------------------------------------------

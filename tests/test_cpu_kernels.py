@@ -15,8 +15,22 @@ from lgm_op.cpu import CPUState, lgm_backward_cpu, lgm_forward_cpu
 from lgm_op.options import LGMOptions
 
 NAMES = ("logits", "lkd", "dx", "dmean", "dlog_var")
-# the last two are large enough for every pass to run on several OpenMP threads
 SHAPES = [(1, 1, 1), (7, 13, 33), (129, 10, 2), (300, 257, 40), (65, 1100, 31)]
+
+
+@pytest.fixture(params=["default", "threaded"])
+def threading_mode(request):
+    """The passes at their default threshold (these sizes run on the calling thread), then with
+    every pass on several OpenMP threads, however small."""
+    lib = cpu_kernels.kernels() if request.param == "threaded" else None
+    if lib is None:
+        yield request.param
+        return
+    previous = lib.set_parallel_work(1)
+    try:
+        yield request.param
+    finally:
+        lib.set_parallel_work(previous)
 
 
 def _step(inp, opts, training=True, label=True, state=None, need=(True, True, True)):
@@ -42,7 +56,7 @@ def _cast(inp, dtype):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_compiled_equals_numpy_path(shape, dtype, rng, seed):
+def test_compiled_equals_numpy_path(shape, dtype, rng, seed, threading_mode):
     n, k, d = shape
     for opts in option_sets(k):
         inp = _cast(make_inputs(rng, n, k, d, isotropic=opts.isotropic), dtype)
@@ -110,7 +124,7 @@ def test_only_needed_gradients(need, rng, seed):
             assert a is None, name
 
 
-def test_concurrent_calls_from_threads(rng):
+def test_concurrent_calls_from_threads(rng, threading_mode):
     """Calls on several threads at once (each with its own OpenMP team) give each its own answer."""
     opts = LGMOptions(num_classes=300)
     inputs = [make_inputs(np.random.default_rng(i), 200, 300, 24) for i in range(4)]
