@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -635,6 +636,31 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
                          BackwardOptions{logdet_logits, logdet_lkd, need_mean, need_log_var},   \
                          dmu, dlog_var);                                                        \
     }
+
+// Labels (N,) of a real type as int64 class ids in out; returns the index of the first label
+// that is not an integer in [0, K) (NaN and infinities included), or -1 when all are.
+template <typename L>
+i64 labels(const L* label, i64 n, i64 k, i64* out) {
+    for (i64 i = 0; i < n; ++i) {
+        const L v = label[i];
+        if constexpr (std::is_floating_point<L>::value) {
+            if (!(v >= L(0) && v < L(k)) || std::floor(v) != v) return i;  // NaN fails v >= 0
+        } else {
+            if (v < L(0) || v >= L(k)) return i;
+        }
+        out[i] = i64(v);
+    }
+    return -1;
+}
+
+#define LGM_EXPORT_LABELS(L, sfx)                                                               \
+    extern "C" LGM_API i64 lgm_labels_##sfx(const L *label, i64 n, i64 k, i64 *out) {           \
+        return labels(label, n, k, out);                                                        \
+    }
+LGM_EXPORT_LABELS(float, f)
+LGM_EXPORT_LABELS(double, d)
+LGM_EXPORT_LABELS(int32_t, i)
+LGM_EXPORT_LABELS(int64_t, l)
 
 // Sets the number of elements from which a pass runs on several threads (0: kParallelWork);
 // returns the previous one.

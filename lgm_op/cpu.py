@@ -612,14 +612,19 @@ class _CompiledOperands:
         self.iv_cache = get("iv_cache", (k, sd), np.float64)
         self.iv_ready = get("iv_ready", (k,), np.uint8)
         self.bounds = (opts.logvar_min, opts.logvar_max)
+        # the buffers' addresses, once (a forward's operands serve its backward too)
+        for name in self._BUFFERS:
+            setattr(self, "a_" + name, getattr(self, name).ctypes.data)
+        self._iv_tail = self.bounds + (self.a_iv_cache, self.a_iv_ready)
         lib.call("prepare", dtype, _address(x), _address(mu), _address(log_var), n, k, d, sd,
-                 *self.bounds, *(_address(a) for a in (
-                     self.shift, self.xcx, self.norm, self.bad_row, self.ivm, self.sq,
-                     self.half_log_det, self.bad_class, self.iv_ready)))
+                 *self.bounds, self.a_shift, self.a_xcx, self.a_norm, self.a_bad_row,
+                 self.a_ivm, self.a_sq, self.a_half_log_det, self.a_bad_class, self.a_iv_ready)
+
+    _BUFFERS = ("shift", "xcx", "norm", "bad_row", "ivm", "sq", "half_log_det", "bad_class",
+                "iv_cache", "iv_ready")
 
     def inverse_variances(self, log_var):
-        return (_address(log_var),) + self.bounds + (_address(self.iv_cache),
-                                                     _address(self.iv_ready))
+        return (_address(log_var),) + self._iv_tail
 
 
 @functools.lru_cache(maxsize=None)
@@ -635,7 +640,7 @@ def _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tm
                                    keep_bytes=_KEEP_BYTES)
     dtype = x.dtype
     (n, d), k, sd = x.shape, opts.num_classes, log_var.shape[1]
-    y = None if label is None else validate_labels_numpy(label, k)
+    y = None if label is None else lib.labels(label, k)
     logits, lkd = (None, None) if out is None else out
     _check_arrays(opts, x, y, mu, log_var, logits=logits, lkd=lkd)
     logits = np.empty((n, k), dtype) if logits is None else logits
@@ -648,9 +653,9 @@ def _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tm
     # 2. the logits from the expansion, the entries it cannot give directly, lkd
     alpha = opts.margin(training) if y is not None else 0.0
     lib.call("forward_epilogue", dtype, _address(x), _address(y), _address(mu),
-             *ops.inverse_variances(log_var), n, k, d, sd, _address(s_mciv), _address(ops.norm),
-             _address(ops.ivm), _address(ops.sq), _address(ops.half_log_det),
-             _address(ops.bad_row), _address(ops.bad_class), alpha, 1.0 / _TAU[dtype],
+             *ops.inverse_variances(log_var), n, k, d, sd, _address(s_mciv), ops.a_norm,
+             ops.a_ivm, ops.a_sq, ops.a_half_log_det,
+             ops.a_bad_row, ops.a_bad_class, alpha, 1.0 / _TAU[dtype],
              int(opts.logdet_logits), int(opts.logdet_lkd), _address(logits), _address(lkd))
     return logits, lkd
 
@@ -662,7 +667,7 @@ def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, 
                                    build=_builder(lib))
     dtype = x.dtype
     (n, d), k, sd = x.shape, opts.num_classes, log_var.shape[1]
-    y = validate_labels_numpy(label, k)
+    y = lib.labels(label, k)
     gz = np.ascontiguousarray(grad_logits, dtype=dtype)
     gl = np.ascontiguousarray(grad_lkd, dtype=dtype)
     dx = _buffer(out[0], (n, d), dtype) if need_dx else None
@@ -673,7 +678,7 @@ def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, 
 
     # 1. G = dL/dd with the direct entries (label column, bad rows and classes) taken out
     row_start = tmp.get("row_start", (n + 1,), np.int64)
-    lib.row_starts(_address(y), _address(ops.bad_row), _address(ops.bad_class), n, k,
+    lib.row_starts(_address(y), ops.a_bad_row, ops.a_bad_class, n, k,
                    _address(row_start))
     entries = int(row_start[n])
     entry_class = tmp.get("entry_class", (entries,), np.int64)
@@ -682,7 +687,7 @@ def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, 
     g_col = tmp.get("g_col", (k,), np.float64)
     gz_col = tmp.get("gz_col", (k,), np.float64)
     lib.call("backward_weights", (dtype, work), _address(gz), _address(gl), _address(y), n, k, d,
-             sd, _address(ops.bad_row), _address(ops.bad_class), opts.margin(training),
+             sd, ops.a_bad_row, ops.a_bad_class, opts.margin(training),
              _address(row_start), _address(g), _address(entry_class), _address(entry_weight),
              _address(g_col), _address(gz_col))
 
@@ -691,7 +696,7 @@ def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, 
         pq = tmp.get("pq", (n, sd + d), work)
         matmul(g, ops.ivm.astype(work, copy=False), pq)
         lib.call("backward_features", (dtype, work), _address(x), _address(mu),
-                 *ops.inverse_variances(log_var), n, k, d, sd, _address(ops.xcx), _address(pq),
+                 *ops.inverse_variances(log_var), n, k, d, sd, ops.a_xcx, _address(pq),
                  _address(row_start), _address(entry_class), _address(entry_weight),
                  _address(dx))
 
@@ -702,7 +707,7 @@ def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, 
         matmul(g.T, ops.xcx[:, :width].astype(work, copy=False), gx)
         lib.call("backward_classes", (dtype, work), _address(x), _address(y), _address(mu),
                  *ops.inverse_variances(log_var), _address(gl), n, k, d, sd,
-                 _address(ops.shift), _address(ops.ivm), _address(gx), width, _address(g_col),
+                 ops.a_shift, ops.a_ivm, _address(gx), width, _address(g_col),
                  _address(gz_col), _address(row_start), _address(entry_class),
                  _address(entry_weight), int(opts.logdet_logits), int(opts.logdet_lkd),
                  int(need_dmu), int(need_ds), _address(dmu), _address(ds))

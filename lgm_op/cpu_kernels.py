@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 
 from . import compile_cache
+from .checks import validate_labels_numpy
 from .kernel_source import load_source
 
 __all__ = ["ENV", "CPUKernels", "kernels"]
@@ -43,6 +44,8 @@ _SIGNATURES = {
         _C, _C, _C, _C, _P, _P),
 }
 _PER_TYPE = ("prepare", "forward_epilogue")
+_LABEL_SUFFIX = {np.dtype(np.float32): "f", np.dtype(np.float64): "d", np.dtype(np.int32): "i",
+                 np.dtype(np.int64): "l"}
 _PER_PAIR = ("backward_weights", "backward_features", "backward_classes")
 _TYPE_SUFFIX = {np.dtype(np.float32): "f", np.dtype(np.float64): "d"}
 _PAIR_SUFFIX = {(np.dtype(np.float32), np.dtype(np.float32)): "f",
@@ -79,9 +82,29 @@ class CPUKernels:
         self.row_starts = lib.lgm_direct_row_starts
         self.row_starts.argtypes = (_P, _P, _P, _I, _I, _P)
         self.row_starts.restype = None
+        self._labels = {}
+        for dtype, sfx in _LABEL_SUFFIX.items():
+            function = getattr(lib, f"lgm_labels_{sfx}")
+            function.argtypes = (_P, _I, _I, _P)
+            function.restype = _I
+            self._labels[dtype] = function
         self._set_parallel_work = lib.lgm_set_parallel_work
         self._set_parallel_work.argtypes = (_I,)
         self._set_parallel_work.restype = _I
+
+    def labels(self, label, num_classes):
+        """Labels (N,) as int64 class ids, after checking every value is an integer in [0, K),
+        in one pass (``checks.validate_labels_numpy`` does the same in NumPy, and gives the
+        message for a bad one)."""
+        label = np.asarray(label)
+        function = self._labels.get(label.dtype)
+        if function is None or label.ndim != 1 or not label.flags.c_contiguous:
+            return validate_labels_numpy(label, num_classes)
+        out = np.empty(label.shape, np.int64)
+        if function(label.ctypes.data, label.shape[0], num_classes, out.ctypes.data) >= 0:
+            validate_labels_numpy(label, num_classes)  # raises, naming the first bad value
+            raise AssertionError("lgm: the label checks disagree")  # pragma: no cover
+        return out
 
     def set_parallel_work(self, elements):
         """Sets the size (elements of the array a pass sweeps) from which the passes run on

@@ -239,3 +239,34 @@ def test_buffers_given_back_by_the_garbage_collector_inside_a_take():
     thread.start()
     thread.join(timeout=60)
     assert done.is_set(), "taking a buffer deadlocked against a pool's __del__"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64, np.int16,
+                                   np.uint8, np.float16])
+def test_compiled_label_check_agrees_with_numpy(dtype):
+    """One pass converts and checks the labels: the same ids, and for a bad value the same
+    error, as checks.validate_labels_numpy (other dtypes go to it directly)."""
+    from lgm_op.checks import validate_labels_numpy
+    lib = cpu_kernels.kernels()
+    k = 7
+    good = np.array([0, 6, 3, 3, 1, 0, 5], dtype)
+    np.testing.assert_array_equal(lib.labels(good, k), validate_labels_numpy(good, k))
+    assert lib.labels(good, k).dtype == np.int64
+    assert lib.labels(good[:0], k).shape == (0,)
+    info = np.finfo(dtype) if np.dtype(dtype).kind == "f" else np.iinfo(dtype)
+    bad_values = [7, int(info.max)] + ([-1, int(info.min)] if info.min < 0 else [])
+    if np.dtype(dtype).kind == "f":
+        bad_values += [np.nan, np.inf, -np.inf, 2.5, -0.5, 6.999]
+    for value in bad_values:
+        for where in (0, 3, 6):
+            labels = good.copy()
+            labels[where] = value
+            with pytest.raises(ValueError) as want:
+                validate_labels_numpy(labels, k)
+            with pytest.raises(ValueError) as got:
+                lib.labels(labels, k)
+            assert str(got.value) == str(want.value)
+            assert f"at index {where}" in str(got.value)
+    # a strided view is checked as well
+    view = np.repeat(good, 2)[::2]
+    np.testing.assert_array_equal(lib.labels(view, k), good.astype(np.int64))
