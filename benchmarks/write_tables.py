@@ -1,8 +1,10 @@
 """Tables of a ``bench_cpu.py`` record: the README's CPU performance table, and the plain-text
-table the benchmark prints at the end of a run. Every figure comes from the JSON.
+table the benchmark prints at the end of a run; and the README's PyTorch table, from a
+``bench_torch.py`` record (``bench_torch.markdown``). Every figure comes from the JSON.
 
-The README block lies between the two marker comments ``README_START`` and ``README_END``;
-running this again replaces it, and nothing outside it changes.
+Each README block lies between two marker comments (``README_START`` and ``README_END``;
+``TORCH_START`` and ``TORCH_END``); running this again replaces them, and nothing outside them
+changes.
 
     python benchmarks/write_tables.py                  # benchmarks/results/cpu.json -> README.md
     python benchmarks/write_tables.py --check          # exit 1 if README.md is not up to date
@@ -22,6 +24,10 @@ from benchmarks import common  # noqa: E402
 README_START = ("<!-- cpu-benchmark-table:start (written by benchmarks/write_tables.py from the "
                 "benchmark's JSON: edit the script, not this block) -->")
 README_END = "<!-- cpu-benchmark-table:end -->"
+TORCH_START = ("<!-- torch-benchmark-table:start (written by benchmarks/write_tables.py from "
+               "bench_torch.py's JSON: edit the scripts, not this block) -->")
+TORCH_END = "<!-- torch-benchmark-table:end -->"
+DEFAULT_TORCH_JSON = common.REPO_ROOT / "benchmarks" / "results" / "torch_cpu.json"
 FORMAT = "lgm-op bench_cpu 2"
 DEFAULT_JSON = common.REPO_ROOT / "benchmarks" / "results" / "cpu.json"
 DEFAULT_README = common.REPO_ROOT / "README.md"
@@ -168,13 +174,21 @@ def cpu_text(record):
                       common.format_table(headers, rows), ""] + _targets(record))
 
 
-def replace_block(text, block, where="README"):
+def replace_block(text, block, where="README", markers=(README_START, README_END)):
     """``text`` with what lies between the markers replaced by ``block``."""
-    start, end = text.find(README_START), text.find(README_END)
+    first, last = markers
+    start, end = text.find(first), text.find(last)
     if start < 0 or end < start:
-        raise ValueError(f"{where} must contain the markers {README_START!r} and then "
-                         f"{README_END!r}; found start at {start}, end at {end}")
-    return text[:start + len(README_START)] + "\n" + block + "\n" + text[end:]
+        raise ValueError(f"{where} must contain the markers {first!r} and then "
+                         f"{last!r}; found start at {start}, end at {end}")
+    return text[:start + len(first)] + "\n" + block + "\n" + text[end:]
+
+
+def torch_markdown(path):
+    """The README's PyTorch block from a bench_torch.py record."""
+    from benchmarks import bench_torch   # imports this module: not at the top
+    record = json.loads(Path(path).read_text(encoding="utf-8"))
+    return bench_torch.markdown(record, _source_name(path))
 
 
 def _source_name(path):
@@ -192,6 +206,9 @@ def main(argv=None):
                         help="the record (default benchmarks/results/cpu.json)")
     parser.add_argument("--readme", default=str(DEFAULT_README),
                         help="the file with the markers (default README.md)")
+    parser.add_argument("--torch-json", default=str(DEFAULT_TORCH_JSON),
+                        help="the bench_torch.py record of the PyTorch table (default "
+                             "benchmarks/results/torch_cpu.json; '' for none)")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when the file's table differs from the "
                              "record's")
@@ -201,7 +218,10 @@ def main(argv=None):
         text = readme.read_text(encoding="utf-8")
         new = replace_block(text, cpu_markdown(load(args.json), _source_name(args.json)),
                             str(readme))
-    except (OSError, ValueError) as exc:
+        if args.torch_json:
+            new = replace_block(new, torch_markdown(args.torch_json), str(readme),
+                                (TORCH_START, TORCH_END))
+    except (OSError, ValueError, KeyError) as exc:
         print(f"write_tables: {exc}", file=sys.stderr)
         return 2
     if args.check:
@@ -212,7 +232,9 @@ def main(argv=None):
             return 1
         return 0
     readme.write_text(new, encoding="utf-8")
-    print(f"wrote the CPU table of {args.json} into {readme}")
+    print(f"wrote the CPU table of {args.json}"
+          + (f" and the PyTorch table of {args.torch_json}" if args.torch_json else "")
+          + f" into {readme}")
     return 0
 
 

@@ -3,6 +3,8 @@
 Each function raises ``ValueError`` whose message names the argument, what was expected and what
 was given (SPEC section 4). The operator turns these into ``MXNetError`` at the MXNet boundary.
 """
+import math
+
 import numpy as np
 
 __all__ = ["check_shapes", "check_sizes", "check_float_dtype", "validate_labels_numpy",
@@ -49,7 +51,7 @@ def check_sizes(shapes, max_elements, why):
     """Every array of ``shapes`` (name -> shape) has at most ``max_elements`` elements; ``why``
     says where the limit comes from."""
     for name, shape in shapes.items():
-        size = int(np.prod(shape, dtype=object))
+        size = math.prod(int(e) for e in shape)   # Python integers: exact at any size
         if size > max_elements:
             raise ValueError(f"lgm: {name} of shape {tuple(shape)} would have {size} elements, "
                              f"more than the {max_elements} {why}")

@@ -280,6 +280,30 @@ def test_recorded_results_and_readme_table():
     assert write_tables.main(["--check"]) == 0
 
 
+def test_readme_torch_table_follows_its_record(tmp_path):
+    """The PyTorch block is written from its JSON too: a changed figure makes --check fail,
+    writing puts it in, and a README without the block's markers is refused."""
+    torch_json = ROOT / "benchmarks" / "results" / "torch_cpu.json"
+    record = json.loads(torch_json.read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    base = ["--readme", str(readme)]
+    assert write_tables.main(base + ["--check"]) == 0
+    cell = record["results"][0]["providers"]["op"]["stats"]
+    cell["median_ms"] = 123.456
+    changed = tmp_path / "torch_changed.json"
+    changed.write_text(json.dumps(record))
+    args = base + ["--torch-json", str(changed)]
+    assert write_tables.main(args + ["--check"]) == 1
+    assert write_tables.main(args) == 0
+    assert "| 123 (" in readme.read_text()
+    assert write_tables.main(args + ["--check"]) == 0
+    text = readme.read_text()
+    readme.write_text(text.replace(write_tables.TORCH_END, ""))
+    assert write_tables.main(args) == 2
+    assert write_tables.main(base + ["--torch-json", ""]) == 0   # the CPU block alone
+
+
 # ---------------------------------------------------------------------------------------------
 # the Caffe-style baseline kernels, on the simulator and (when there is one) a GPU
 
