@@ -165,14 +165,18 @@ double direct_half_distance(const T* x, const T* mu, const InverseVariances<T>& 
     const T* xi = x + i * sh.d;
     const T* mk = mu + k * sh.d;
     const double* iv = ivs.row(k);
+    // sums of non-negative terms (or NaN): any order gives the same special values, and the
+    // vector lanes' partial sums are at least as accurate as one running sum
     double acc = 0;
     if (sh.sd == 1) {
+#pragma omp simd reduction(+ : acc)
         for (i64 j = 0; j < sh.d; ++j) {
             double diff = double(xi[j]) - double(mk[j]);
             acc += diff * diff;
         }
         return 0.5 * acc * iv[0];
     }
+#pragma omp simd reduction(+ : acc)
     for (i64 j = 0; j < sh.d; ++j) {
         double diff = double(xi[j]) - double(mk[j]);
         acc += diff * diff * iv[j];
@@ -233,7 +237,8 @@ void prepare_features(const T* x, const T* mu, const Shape& sh, double logvar_mi
     for (i64 i = 0; i < sh.n; ++i) {
         const T* xi = x + i * sh.d;
         T* xc = xcx + i * width;
-        double acc = 0;
+        double acc = 0;  // non-negative terms: the lanes' order changes no special value
+#pragma omp simd reduction(+ : acc)
         for (i64 j = 0; j < sh.d; ++j) {
             T v = xi[j] - shift[j];
             xc[j] = v;
@@ -272,7 +277,8 @@ void prepare_classes(const T* mu, const T* s, const T* shift, const Shape& sh, d
         const T* mk = mu + k * sh.d;
         const T* sk = s + k * sh.sd;
         T* row = ivm + k * width;
-        double log_det = 0;
+        double log_det = 0;  // finite terms (clamped) or NaN
+#pragma omp simd reduction(+ : log_det)
         for (i64 j = 0; j < sh.sd; ++j) {
             T clamped = clamp(sk[j], lo, hi);
             log_det += double(clamped);
@@ -280,7 +286,8 @@ void prepare_classes(const T* mu, const T* s, const T* shift, const Shape& sh, d
         }
         exp_array(row, sh.sd, row);
         if (sh.sd == 1) log_det *= double(sh.d);
-        double acc = 0;
+        double acc = 0;  // terms m^2 iv >= 0, or NaN, or inf (then flagged bad below)
+#pragma omp simd reduction(+ : acc)
         for (i64 j = 0; j < sh.d; ++j) {
             T m = mk[j] - shift[j];
             T mi = m * row[sh.sd == 1 ? 0 : j];
@@ -531,16 +538,23 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
             if (o.logdet_lkd) g_log_det += 0.5 * gl_class[k];
             if (iso) g_log_det *= double(sh.d);
             double ssq_iso = iso ? double(gxk[sh.d]) : 0.0;
-            for (i64 j = 0; j < sh.d; ++j) {
-                const double m = double(T(mk[j] - shift[j])), gxj = double(gxk[j]);
-                const double iv = double(ivk[iso ? 0 : j]);
-                const double neg_resid = m * gc - gxj;            // -sum_i G_ik (xc_i - mc_k)
-                dm[j] = neg_resid * iv;
-                const double cross = m * (2.0 * gxj - m * gc);
-                if (iso) {
-                    ssq_iso -= cross;
-                } else {
-                    ds[j] = -0.5 * (double(gxk[sh.d + j]) - cross) * iv + g_log_det;
+            double* dmk = dm.data();
+            double* dsk = ds.data();
+            if (iso) {
+                const double iv = double(ivk[0]);
+                for (i64 j = 0; j < sh.d; ++j) {
+                    const double m = double(T(mk[j] - shift[j])), gxj = double(gxk[j]);
+                    dmk[j] = (m * gc - gxj) * iv;                  // -sum_i G_ik (xc_i - mc_k)
+                    ssq_iso -= m * (2.0 * gxj - m * gc);
+                }
+            } else {  // the same per feature, in a form the compiler vectorises
+#pragma omp simd
+                for (i64 j = 0; j < sh.d; ++j) {
+                    const double m = double(T(mk[j] - shift[j])), gxj = double(gxk[j]);
+                    const double iv = double(ivk[j]);
+                    dmk[j] = (m * gc - gxj) * iv;                  // -sum_i G_ik (xc_i - mc_k)
+                    const double cross = m * (2.0 * gxj - m * gc);
+                    dsk[j] = -0.5 * (double(gxk[sh.d + j]) - cross) * iv + g_log_det;
                 }
             }
             double ds_iso = iso ? -0.5 * ssq_iso * double(ivk[0]) + g_log_det : 0.0;
@@ -550,12 +564,21 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
                     const i64 e = order[p];
                     const T* xi = x + entry_row[e] * sh.d;
                     const double w = entry_weight[e];
-                    for (i64 j = 0; j < sh.d; ++j) {
-                        const double diff = double(xi[j]) - double(mk[j]);
-                        const double wj = w * iv64[iso ? 0 : j] * diff;
-                        dm[j] -= wj;
-                        if (iso) ds_iso -= 0.5 * wj * diff;
-                        else ds[j] -= 0.5 * wj * diff;
+                    if (iso) {
+                        for (i64 j = 0; j < sh.d; ++j) {
+                            const double diff = double(xi[j]) - double(mk[j]);
+                            const double wj = w * iv64[0] * diff;
+                            dmk[j] -= wj;
+                            ds_iso -= 0.5 * wj * diff;
+                        }
+                    } else {
+#pragma omp simd
+                        for (i64 j = 0; j < sh.d; ++j) {
+                            const double diff = double(xi[j]) - double(mk[j]);
+                            const double wj = w * iv64[j] * diff;
+                            dmk[j] -= wj;
+                            dsk[j] -= 0.5 * wj * diff;
+                        }
                     }
                 }
             }
