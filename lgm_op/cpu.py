@@ -22,8 +22,10 @@ Accuracy comes by construction, not from a wider type:
 
 Two implementations of the same math: the compiled passes (``kernels/lgm_cpu.cpp``, built with
 g++ and OpenMP by :mod:`lgm_op.cpu_kernels`), which fuse every pass outside the matrix products and
-run it on every core, and NumPy alone, where no compiler is present (``LGM_OP_CPU_KERNELS``
-chooses; see that module). Both run the matrix products through NumPy's BLAS.
+run it on every core (from 2^20 elements; below, on the calling thread), and NumPy alone, where no
+compiler is present (``LGM_OP_CPU_KERNELS`` chooses; see that module). Both run the matrix
+products through NumPy's BLAS, unless the caller of the compiled path gives its own (``matmul``:
+the PyTorch binding passes ``torch.mm``).
 
 Framework-free: NumPy arrays in, NumPy arrays out, optionally written into caller-given buffers
 (``out``); the launchers in ``cuda.py`` share these signatures.

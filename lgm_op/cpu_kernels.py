@@ -3,7 +3,8 @@ use through :mod:`lgm_op.compile_cache`, loaded with ctypes, framework-free.
 
 Everything the CPU path does outside its matrix products is a pass over N x K, N x D or K x D;
 in NumPy each is a separate single-threaded sweep (and a call, which at small sizes costs more
-than the sweep). The compiled passes fuse them and run them on every core. Where no compiler is
+than the sweep). The compiled passes fuse them and run each on every core once it is large enough
+to pay for waking the threads (``kernels/lgm_cpu.cpp``: ``kParallelWork``). Where no compiler is
 present the CPU path computes the same thing with NumPy (``lgm_op.cpu``), slower.
 
 The environment variable ``LGM_OP_CPU_KERNELS`` chooses: unset: the compiled passes when they
