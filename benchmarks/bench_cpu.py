@@ -42,6 +42,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import resource
 import signal
 import statistics
@@ -292,7 +293,6 @@ def round_orders(names, seed):
     the naive reference, whose 100 ms of MXNet operators leave every thread asleep and every
     cache cold, and each stock-op peer after its own variant), which biases the ratios; a
     permutation gives each provider every predecessor in turn."""
-    import random
     generator = random.Random(seed)
     while True:
         order = list(names)

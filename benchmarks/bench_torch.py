@@ -15,13 +15,14 @@ Compiled providers use static shapes (one compilation per size, outside the timi
 the float64 reference of ``lgm_op.reference`` (``bench_cpu.reference_results``, over row chunks
 where N x K x D does not fit), every provider checked against it (a wrong provider is not timed),
 ``--warmup`` untimed steps, then rounds in which every provider runs once in an order drawn afresh
-each round (``bench_cpu.run_rounds``). Each provider gets the median and spread of its rounds, each peer the
-median of its per-round ratios peer time / op time (> 1: the op is ahead). A provider that fails,
-runs out of memory or whose estimate does not fit is recorded as such and the run goes on.
+each round (``bench_cpu.run_rounds``). Each provider gets the median and spread of its rounds, each
+peer the median of its per-round ratios peer time / op time (> 1: the op is ahead). A provider that
+fails, runs out of memory or whose estimate does not fit is recorded as such and the run goes on.
 
 PyTorch runs on every core (``torch.set_num_threads(--threads)``, default the number of cores);
-the op's NumPy BLAS uses its own default (every core). Both are recorded in the JSON with the
-machine, the versions and the git sha.
+the op's matrix products run on PyTorch's threads too (``torch.mm``), its compiled passes on
+OpenMP's from 2^20 elements a pass. The settings are recorded in the JSON with the machine, the
+versions and the git sha.
 
     python benchmarks/bench_torch.py                    # the sizes -> benchmarks/out/
     python benchmarks/bench_torch.py --sizes 64x10x8 --repeats 3 --out /tmp/bench

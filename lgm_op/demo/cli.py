@@ -47,9 +47,8 @@ SUMMARY_JSON = "summary.json"
 # |x| < 4 to 215, its log-variance gradient (about 9e5) threw the log-variances to +-142, beyond
 # the clamp where no gradient brings them back, and the network went to 1e38. At 0.1x every model
 # of seeds 0-2 stays finite there (and seed 0's full variant with the default kernels), the
-# log-variances moving from 0 to about -0.9..-0.3. Larger
-# margins diverged: alpha = 1 took the variant without likelihood term to non-finite weights
-# (seed 0).
+# log-variances moving from 0 to about -0.9..-0.3. Larger margins diverged: alpha = 1 took the
+# variant without likelihood term to non-finite weights (seed 0).
 DEFAULTS = dict(epochs=10, batch_size=32, optimizer="sgd", lr=0.02, momentum=0.9, wd=5e-4,
                 clip_gradient=0.0, lambda_=1.0, alpha=0.3, width=8, detector_dim=8,
                 log_var_lr_mult=0.1, margin_policy="warmup", margin_gamma=1.0, margin_step=250,
