@@ -1,18 +1,32 @@
 // Backward of the L-GM loss, SPEC section 2: dx (N, D), dmean (K, D), dlog_var (K, D) or (K, 1).
 //
-// lgm::backward_dx<T>       one 64 x 64 tile of (samples, features) per block, looping over
-//                           classes; grid (ceil(N / 64), ceil(D / 64), class slices).
-// lgm::backward_params<T>   one 64 x 64 tile of (classes, features) per block, looping over
-//                           samples; grid (ceil(K / 64), ceil(D / 64), sample slices).
-// lgm::sum_partials<T>      out[e] = sum_p partial[p, e] (through the clamp when asked);
-//                           grid ceil(len / 256).
-// Block 256 throughout. mean_iv and the class ids come from lgm_class_terms.cu.
+// lgm::backward_dx<T, E>      one 64 x 64 tile of (samples, features) per block, looping over
+//                             classes; grid (ceil(N / 64), ceil(D / 64), class slices).
+// lgm::backward_params<T, E>  one 64 x 64 tile of (classes, features) per block, looping over
+//                             samples; grid (ceil(K / 64), ceil(D / 64), sample slices).
+// lgm::sum_partials<T>        out[e] = sum_p partial[p, e] (through the clamp when asked);
+//                             grid ceil(len / 256).
+// Block 256 throughout. shift, terms, mean_iv and the class ids come from lgm_class_terms.cu.
 //
 // G = dL/dd (SPEC 2) is built from grad_logits, grad_lkd and the class ids (-1: no class) while
 // loading a tile and is never stored as N x K. When one output tile per block gives too few
 // blocks to fill the GPU, the launcher splits the loop (classes for dx, samples for the
 // parameters) over gridDim.z; each slice writes its own partial result and sum_partials adds them
 // in a fixed order. No atomics: the gradients are bitwise the same on every run.
+//
+// Two forms, E = kExpanded:
+// - expanded (E = true): with x' = x - shift and m = mu - shift, the contractions are matrix
+//   products, one fused multiply-add per output and update:
+//     dx[i, j] = x'_ij sum_k G_ik iv_kj - sum_k G_ik (m iv)_kj
+//     P[k, j] = S1 - m gsum,  Q[k, j] = S2 - m (2 S1 - m gsum),
+//     S1 = sum_i G_ik x'_ij,  S2 = sum_i G_ik x'_ij^2,  gsum = sum_i G_ik.
+//   The label column is taken out of G and its terms are added in the direct form: where
+//   training puts the features, x lies next to its own class mean and the expansion would
+//   cancel there. The other classes' terms are as exact as the reference's, within a small
+//   factor, once the shift has made |x'| and |m| no larger than the distances.
+// - direct (E = false): the exact forms (x - mu) per update, for float32 with few features (the
+//   2-D classes 1e2 to 1e4 apart of SPEC 5: there the spread of the features is far beyond their
+//   distances to the neighbouring classes, and the expanded sums lose what the reference keeps).
 #include "lgm_common.cuh"
 
 namespace lgm {
@@ -25,12 +39,14 @@ __device__ __forceinline__ T grad_half_distance(T gz, int k, int y, T gl, T alph
 
 // dx[i, j] = sum_k G[i, k] (x[i, j] - mu[k, j]) iv[k, j] over classes
 // [blockIdx.z * classes_per_split, (blockIdx.z + 1) * classes_per_split), written to
-// dx_out + blockIdx.z * N * D.
-template <typename T>
+// dx_out + blockIdx.z * N * D. pairs: terms (iv, m iv) when expanded, else mean_iv (mu, iv).
+template <typename T, bool kExpanded>
 __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx(
     // data
-    const T* __restrict__ x, const T* __restrict__ mean_iv, const int* __restrict__ label,
-    const T* __restrict__ grad_logits, const T* __restrict__ grad_lkd, T* __restrict__ dx_out,
+    const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ pairs,
+    const T* __restrict__ mean_iv, const int* __restrict__ label, const int* __restrict__ bad_row,
+    const int* __restrict__ bad_class, const T* __restrict__ grad_logits,
+    const T* __restrict__ grad_lkd, T* __restrict__ dx_out,
     // shapes
     int n, int num_classes, int dim, int classes_per_split,
     // options
@@ -40,75 +56,86 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
     constexpr int W = Vec<T>::kWidth;
     constexpr int kLoads = kTile * S / kThreads;
     constexpr int kGRows = kThreads / S;        // G rows one pass of loads covers
-    constexpr int kPRows = kThreads / kTile;    // mean / iv rows one pass covers
-    // G rows run along classes, padded by one 16-byte word (as the forward's tiles); mean and iv
-    // rows run along features, read 4 contiguous features per thread.
-    __shared__ __align__(16) T g_tile[2][kTile][S + W];
-    __shared__ __align__(16) T mean_tile[2][S][kTile];
-    __shared__ __align__(16) T iv_tile[2][S][kTile];
+    constexpr int kPRows = kThreads / kTile;    // pair rows one pass covers
+    constexpr int kSums = kExpanded ? 2 : 1;    // accumulators per output
+    // All three tiles run along their 64 outputs (G along samples, padded by one 16-byte word:
+    // the loaders of a warp write 16 classes of one sample, 2 per bank group); each thread reads
+    // 4 contiguous samples and 4 contiguous features (the pairs: mean and iv, or iv and m iv).
+    __shared__ __align__(16) T g_tile[2][S][kTile + W];
+    __shared__ __align__(16) T first_tile[2][S][kTile];
+    __shared__ __align__(16) T second_tile[2][S][kTile];
 
     const int tid = threadIdx.x;
     const int tx = tid % 16;  // computes features 4 tx + c
-    const int ty = tid / 16;  // computes samples ty + 16 r
+    const int ty = tid / 16;  // computes samples 4 ty + r
     const int row0 = blockIdx.x * kTile;
     const int col0 = blockIdx.y * kTile;
     const int k_begin = blockIdx.z * classes_per_split;
     const int k_end = min(num_classes, k_begin + classes_per_split);
 
-    // Step 1: this thread's x values, and the rows it loads G for: thread t loads
+    // Step 1: (direct form) this thread's x values, and the rows it loads G for: thread t loads
     // G[t / S + kGRows e, k0 + t % S], S consecutive classes of one row.
     const int g_col = tid % S;
     const int g_row = tid / S;
-    T xv[kPer][kPer];
+    T xv[kExpanded ? 1 : kPer][kPer];
+    if constexpr (!kExpanded) {
 #pragma unroll
-    for (int r = 0; r < kPer; ++r) {
-        const int i = row0 + ty + 16 * r;
+        for (int r = 0; r < kPer; ++r) {
+            const int i = row0 + 4 * ty + r;
 #pragma unroll
-        for (int c = 0; c < kPer; ++c) {
-            const int j = col0 + 4 * tx + c;
-            xv[r][c] = (i < n && j < dim) ? x[(long long)i * dim + j] : T(0);
+            for (int c = 0; c < kPer; ++c) {
+                const int j = col0 + 4 * tx + c;
+                xv[r][c] = (i < n && j < dim) ? x[(long long)i * dim + j] : T(0);
+            }
         }
     }
     int y_load[kLoads];
-    T gl_load[kLoads];
+    T gl_load[kExpanded ? 1 : kLoads];  // expanded: the label column's G is formed in step 3
     const T* gz_src[kLoads];  // null past N: padding rows contribute nothing
 #pragma unroll
     for (int e = 0; e < kLoads; ++e) {
         const int i = row0 + g_row + kGRows * e;
         y_load[e] = i < n ? label[i] : -1;
-        gl_load[e] = i < n ? grad_lkd[i] : T(0);
+        if constexpr (!kExpanded) gl_load[e] = i < n ? grad_lkd[i] : T(0);
         gz_src[e] = i < n ? grad_logits + (long long)i * num_classes : nullptr;
     }
 
-    // Step 2 (SPEC 2, dx): walk the classes in steps of S with blocked summation. mean / iv are
+    // Step 2 (SPEC 2, dx): walk the classes in steps of S with blocked summation. The pairs are
     // loaded along features: thread t fetches feature t % 64 of classes t / 64 + kPRows e.
+    // Expanded: the label column of G is 0 here (its term is added in step 3).
     const int p_col = tid % kTile;
     const int p_row = tid / kTile;
     const bool p_in = col0 + p_col < dim;
-    const P* terms = reinterpret_cast<const P*>(mean_iv) + col0 + p_col;
+    const P* terms = reinterpret_cast<const P*>(pairs) + col0 + p_col;
     T g_next[kLoads];
-    P mean_iv_next[kLoads];
+    P pair_next[kLoads];
     auto fetch = [&](int k0) {
 #pragma unroll
         for (int e = 0; e < kLoads; ++e) {
             const int k = k0 + g_col;
-            g_next[e] = (gz_src[e] && k < k_end)
-                            ? grad_half_distance(gz_src[e][k], k, y_load[e], gl_load[e], alpha)
-                            : T(0);
+            T g = 0;
+            if (gz_src[e] && k < k_end) {
+                if constexpr (kExpanded) {
+                    g = k == y_load[e] ? T(0) : -gz_src[e][k];
+                } else {
+                    g = grad_half_distance(gz_src[e][k], k, y_load[e], gl_load[e], alpha);
+                }
+            }
+            g_next[e] = g;
             const int kp = k0 + p_row + kPRows * e;
-            mean_iv_next[e] = (p_in && kp < k_end) ? terms[(long long)kp * dim] : P{T(0), T(0)};
+            pair_next[e] = (p_in && kp < k_end) ? terms[(long long)kp * dim] : P{T(0), T(0)};
         }
     };
     auto store = [&](int buf) {
 #pragma unroll
         for (int e = 0; e < kLoads; ++e) {
-            g_tile[buf][g_row + kGRows * e][g_col] = g_next[e];
-            mean_tile[buf][p_row + kPRows * e][p_col] = mean_iv_next[e].x;
-            iv_tile[buf][p_row + kPRows * e][p_col] = mean_iv_next[e].y;
+            g_tile[buf][g_col][g_row + kGRows * e] = g_next[e];
+            first_tile[buf][p_row + kPRows * e][p_col] = pair_next[e].x;
+            second_tile[buf][p_row + kPRows * e][p_col] = pair_next[e].y;
         }
     };
 
-    T acc[kPer][kPer] = {};
+    T acc[kSums][kPer][kPer] = {};
     const int steps = k_end > k_begin ? (k_end - k_begin + S - 1) / S : 0;
     fetch(k_begin);
     store(0);
@@ -117,45 +144,119 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
         const int buf = step & 1;
         const bool more = step + 1 < steps;
         if (more) fetch(k_begin + (step + 1) * S);
-        T part[kPer][kPer] = {};
+        T part[kSums][kPer][kPer] = {};
 #pragma unroll
-        for (int kk = 0; kk < S; kk += W) {
-            T gv[kPer][W];
+        for (int kk = 0; kk < S; ++kk) {
+            T gv[kPer], fv[kPer], sv[kPer];
+            load4(&g_tile[buf][kk][4 * ty], gv);
+            load4(&first_tile[buf][kk][4 * tx], fv);
+            load4(&second_tile[buf][kk][4 * tx], sv);
 #pragma unroll
-            for (int r = 0; r < kPer; ++r) load_vec(&g_tile[buf][ty + 16 * r][kk], gv[r]);
+            for (int r = 0; r < kPer; ++r) {
 #pragma unroll
-            for (int w = 0; w < W; ++w) {
-                T mv[kPer], vv[kPer];
-                load4(&mean_tile[buf][kk + w][4 * tx], mv);
-                load4(&iv_tile[buf][kk + w][4 * tx], vv);
-#pragma unroll
-                for (int r = 0; r < kPer; ++r) {
-#pragma unroll
-                    for (int c = 0; c < kPer; ++c) {
-                        part[r][c] = fma_of(gv[r][w] * (xv[r][c] - mv[c]), vv[c], part[r][c]);
+                for (int c = 0; c < kPer; ++c) {
+                    if constexpr (kExpanded) {
+                        part[0][r][c] = fma_of(gv[r], fv[c], part[0][r][c]);
+                        part[kSums - 1][r][c] = fma_of(gv[r], sv[c], part[kSums - 1][r][c]);
+                    } else {
+                        part[0][r][c] = fma_of(gv[r] * (xv[r][c] - fv[c]), sv[c], part[0][r][c]);
                     }
                 }
             }
         }
 #pragma unroll
-        for (int r = 0; r < kPer; ++r) {
+        for (int q = 0; q < kSums; ++q) {
 #pragma unroll
-            for (int c = 0; c < kPer; ++c) acc[r][c] += part[r][c];
+            for (int r = 0; r < kPer; ++r) {
+#pragma unroll
+                for (int c = 0; c < kPer; ++c) acc[q][r][c] += part[q][r][c];
+            }
         }
         if (more) store(buf ^ 1);
         __syncthreads();
     }
 
-    // Step 3: store this slice's sum.
+    // Step 3: this slice's sum. Expanded: x' (G iv) - G (m iv), plus in the direct form the
+    // label column's term G[i, y] (x - mu_y) iv_y (from the slice that holds y) and the terms of
+    // the slice's bad classes (their pairs were 0 in the tiles); a sample with a non-finite
+    // feature takes every class of the slice in the direct form.
     T* out = dx_out + (long long)blockIdx.z * n * dim;
+    if constexpr (kExpanded) {
+        const P* direct = reinterpret_cast<const P*>(mean_iv);
+        __shared__ unsigned flagged[kThreads / 32];
+        int y[kPer];
+        int row_bad[kPer];
+#pragma unroll
+        for (int r = 0; r < kPer; ++r) {
+            const int i = row0 + 4 * ty + r;
+            y[r] = i < n ? label[i] : -1;
+            row_bad[r] = i < n ? bad_row[i] : 0;
+#pragma unroll
+            for (int c = 0; c < kPer; ++c) {
+                const int j = col0 + 4 * tx + c;
+                if (i >= n || j >= dim) continue;
+                const T xij = x[(long long)i * dim + j];
+                T value = 0;
+                if (row_bad[r]) {
+                    for (int k = k_begin; k < k_end; ++k) {
+                        const T g = grad_half_distance(grad_logits[(long long)i * num_classes + k],
+                                                       k, y[r], grad_lkd[i], alpha);
+                        const P m = direct[(long long)k * dim + j];
+                        value = fma_of(g * (xij - m.x), m.y, value);
+                    }
+                } else {
+                    value = fma_of(xij - shift[j], acc[0][r][c], -acc[kSums - 1][r][c]);
+                    const int yr = y[r];
+                    if (yr >= k_begin && yr < k_end && !bad_class[yr]) {
+                        const T g = grad_half_distance(grad_logits[(long long)i * num_classes + yr],
+                                                       yr, yr, grad_lkd[i], alpha);
+                        const P m = direct[(long long)yr * dim + j];
+                        value = fma_of(g * (xij - m.x), m.y, value);
+                    }
+                }
+                acc[0][r][c] = value;
+            }
+        }
+        // The slice's bad classes, in class order: the block reads their flags 256 at a time.
+        for (int base = k_begin; base < k_end; base += kThreads) {
+            const int k = base + tid;
+            const unsigned hit = __ballot_sync(0xffffffffu, k < k_end && bad_class[k]);
+            if (tid % 32 == 0) flagged[tid / 32] = hit;
+            __syncthreads();
+            for (int w = 0; w < kThreads / 32; ++w) {
+                unsigned todo = flagged[w];
+                while (todo) {
+                    const int kb = base + 32 * w + __ffs((int)todo) - 1;
+                    todo &= todo - 1;
+#pragma unroll
+                    for (int r = 0; r < kPer; ++r) {
+                        const int i = row0 + 4 * ty + r;
+                        if (i >= n || row_bad[r]) continue;
+                        const T g = grad_half_distance(grad_logits[(long long)i * num_classes + kb],
+                                                       kb, y[r], grad_lkd[i], alpha);
+#pragma unroll
+                        for (int c = 0; c < kPer; ++c) {
+                            const int j = col0 + 4 * tx + c;
+                            if (j >= dim) continue;
+                            const P m = direct[(long long)kb * dim + j];
+                            acc[0][r][c] =
+                                fma_of(g * (x[(long long)i * dim + j] - m.x), m.y, acc[0][r][c]);
+                        }
+                    }
+                }
+            }
+            __syncthreads();  // before the next chunk's ballots overwrite flagged
+        }
+    }
 #pragma unroll
     for (int r = 0; r < kPer; ++r) {
-        const int i = row0 + ty + 16 * r;
+        const int i = row0 + 4 * ty + r;
         if (i >= n) continue;
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
             const int j = col0 + 4 * tx + c;
-            if (j < dim) out[(long long)i * dim + j] = acc[r][c];
+            const T value = acc[0][r][c];
+            if (j < dim) out[(long long)i * dim + j] = value;
         }
     }
 }
@@ -163,18 +264,21 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
 // dmean and dlog_var over samples [blockIdx.z * rows_per_split, (blockIdx.z + 1) * rows_per_split):
 //   P[k, j] = sum_i G[i, k] (x[i, j] - mu[k, j]),  Q[k, j] = sum_i G[i, k] (x[i, j] - mu[k, j])^2
 //   dmean = -iv P,  bracket = -0.5 iv Q + gld[k]                         (SPEC 2)
-// With one slice (gridDim.z == 1) and a diagonal variance, dlog_var_out receives the final
-// bracket * mask. Otherwise dmean_out / dlog_var_out are partial buffers:
+// (expanded: P and Q from S1, S2 and gsum over the samples of other classes, plus the direct
+// terms of the samples labelled k). With one slice (gridDim.z == 1) and a diagonal variance,
+// dlog_var_out receives the final bracket * mask. Otherwise dmean_out / dlog_var_out are partial
+// buffers:
 //   dmean_out[z, k, j]; diagonal: dlog_var_out[z, k, j] = bracket;
 //   isotropic: dlog_var_out[z * gridDim.y + blockIdx.y, k] = sum of the bracket over the tile's
 //   features,
 // and sum_partials finishes them (the mask is applied after the sum, as in SPEC 2). A null
 // dmean_out or dlog_var_out is not written (a gradient nobody asked for).
-template <typename T>
+template <typename T, bool kExpanded>
 __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_params(
     // data
-    const T* __restrict__ x, const T* __restrict__ mean_iv, const T* __restrict__ log_var,
-    const int* __restrict__ label, const T* __restrict__ grad_logits,
+    const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ mean_iv,
+    const T* __restrict__ log_var, const int* __restrict__ label, const int* __restrict__ bad_row,
+    const int* __restrict__ bad_class, const T* __restrict__ grad_logits,
     const T* __restrict__ grad_lkd, T* __restrict__ dmean_out, T* __restrict__ dlog_var_out,
     // shapes
     int n, int num_classes, int dim, int rows_per_split,
@@ -183,64 +287,86 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     constexpr int S = Blocking<T>::kStep;
     constexpr int kLoads = kTile * S / kThreads;
     constexpr int kRows = kThreads / kTile;  // sample rows one pass of loads covers
-    // Both tiles run along their 64 outputs; each thread reads 4 contiguous classes and 4
-    // contiguous features of one sample.
+    constexpr int kWarps = kThreads / 32;
+    // The tiles run along their 64 outputs; each thread reads 4 contiguous classes and 4
+    // contiguous features of one sample. Expanded: x' and x'^2; direct: x (the second unused).
     __shared__ __align__(16) T g_tile[2][S][kTile];  // G[i0 + ., class0 + .]
     __shared__ __align__(16) T x_tile[2][S][kTile];  // x[i0 + ., col0 + .]
+    __shared__ __align__(16) T x2_tile[kExpanded ? 2 : 1][kExpanded ? S : 1][kTile];
     __shared__ T gz_parts[kRows][kTile];  // per loader row, summed in order
     __shared__ T gl_parts[kRows][kTile];
+    __shared__ T gs_parts[kRows][kTile];
     __shared__ T g_log_det[kTile];
+    __shared__ T g_sum[kTile];
+    __shared__ unsigned labelled[kWarps];  // expanded: which samples of a chunk are the tile's
 
     const int tid = threadIdx.x;
     const int tx = tid % 16;  // computes features 4 tx + c
     const int ty = tid / 16;  // computes classes 4 ty + r
+    const int lane = tid % 32;
     const int class0 = blockIdx.x * kTile;
     const int col0 = blockIdx.y * kTile;
     const int i_begin = blockIdx.z * rows_per_split;
     const int i_end = min(n, i_begin + rows_per_split);
 
-    // Step 1: this thread's means.
+    // Step 1: this thread's means (expanded: mu - shift, read after the loop, which does not
+    // need them).
     using P = typename Pair<T>::type;
     const P* terms = reinterpret_cast<const P*>(mean_iv);
     T mv[kPer][kPer];
+    auto load_means = [&]() {
 #pragma unroll
-    for (int r = 0; r < kPer; ++r) {
-        const int k = class0 + 4 * ty + r;
+        for (int r = 0; r < kPer; ++r) {
+            const int k = class0 + 4 * ty + r;
 #pragma unroll
-        for (int c = 0; c < kPer; ++c) {
-            const int j = col0 + 4 * tx + c;
-            mv[r][c] = (k < num_classes && j < dim) ? terms[(long long)k * dim + j].x : T(0);
+            for (int c = 0; c < kPer; ++c) {
+                const int j = col0 + 4 * tx + c;
+                const bool in = k < num_classes && j < dim;
+                mv[r][c] = in ? terms[(long long)k * dim + j].x : T(0);
+                if (kExpanded && in) mv[r][c] -= shift[j];
+            }
         }
-    }
+    };
+    if constexpr (!kExpanded) load_means();
 
     // Step 2 (SPEC 2, P and Q): walk the samples in steps of S with blocked summation. Thread
     // tid loads G and x at column tid % 64 of sample rows tid / 64 + kRows e (coalesced along
     // rows of grad_logits and x) and, on the way, sums the grad_logits and grad_lkd that enter
-    // gld.
+    // gld (and, expanded, the G that enters gsum).
     const int load_col = tid % kTile;
     const int load_row = tid / kTile;
     const int k_load = class0 + load_col;
     const bool k_in = k_load < num_classes;
     const bool j_in = col0 + load_col < dim;
+    const T x_shift = (kExpanded && j_in) ? shift[col0 + load_col] : T(0);
     T gz_sum = 0;
     T gl_sum = 0;
+    T gs_sum = 0;
     T g_next[kLoads], x_next[kLoads];
     auto fetch = [&](int i0) {
 #pragma unroll
         for (int e = 0; e < kLoads; ++e) {
             const int i = i0 + load_row + kRows * e;
             const bool row_in = i < i_end;
+            // expanded: a sample with a non-finite feature enters in step 4 only
+            const bool expand = row_in && !(kExpanded && bad_row[i]);
             T g = 0;
             if (row_in && k_in) {
                 const T gz = grad_logits[(long long)i * num_classes + k_load];
                 const int y = label[i];
                 const T gl = grad_lkd[i];
-                g = grad_half_distance(gz, k_load, y, gl, alpha);
+                if (kExpanded) {
+                    g = (k_load == y || !expand) ? T(0) : -gz;  // the label's terms: step 4
+                    gs_sum += g;
+                } else {
+                    g = grad_half_distance(gz, k_load, y, gl, alpha);
+                }
                 gz_sum += gz;
                 if (k_load == y) gl_sum += gl;
             }
             g_next[e] = g;
-            x_next[e] = (row_in && j_in) ? x[(long long)i * dim + col0 + load_col] : T(0);
+            x_next[e] = (expand && j_in) ? x[(long long)i * dim + col0 + load_col] - x_shift
+                                         : T(0);
         }
     };
     auto store = [&](int buf) {
@@ -248,11 +374,14 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
         for (int e = 0; e < kLoads; ++e) {
             g_tile[buf][load_row + kRows * e][load_col] = g_next[e];
             x_tile[buf][load_row + kRows * e][load_col] = x_next[e];
+            if constexpr (kExpanded) {
+                x2_tile[buf][load_row + kRows * e][load_col] = x_next[e] * x_next[e];
+            }
         }
     };
 
-    T p_acc[kPer][kPer] = {};
-    T q_acc[kPer][kPer] = {};
+    T p_acc[kPer][kPer] = {};  // expanded: S1
+    T q_acc[kPer][kPer] = {};  // expanded: S2
     const int steps = i_end > i_begin ? (i_end - i_begin + S - 1) / S : 0;
     fetch(i_begin);
     store(0);
@@ -273,14 +402,27 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
             T gv[kPer], xs[kPer];
             load4(&g_tile[buf][ii][4 * ty], gv);
             load4(&x_tile[buf][ii][4 * tx], xs);
+            if constexpr (kExpanded) {
+                T x2[kPer];
+                load4(&x2_tile[buf][ii][4 * tx], x2);
 #pragma unroll
-            for (int r = 0; r < kPer; ++r) {
+                for (int r = 0; r < kPer; ++r) {
 #pragma unroll
-                for (int c = 0; c < kPer; ++c) {
-                    const T t = xs[c] - mv[r][c];
-                    const T gt = gv[r] * t;
-                    p_part[r][c] += gt;
-                    q_part[r][c] = fma_of(gt, t, q_part[r][c]);
+                    for (int c = 0; c < kPer; ++c) {
+                        p_part[r][c] = fma_of(gv[r], xs[c], p_part[r][c]);
+                        q_part[r][c] = fma_of(gv[r], x2[c], q_part[r][c]);
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int r = 0; r < kPer; ++r) {
+#pragma unroll
+                    for (int c = 0; c < kPer; ++c) {
+                        const T t = xs[c] - mv[r][c];
+                        const T gt = gv[r] * t;
+                        p_part[r][c] += gt;
+                        q_part[r][c] = fma_of(gt, t, q_part[r][c]);
+                    }
                 }
             }
         }
@@ -295,23 +437,110 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
         __syncthreads();
     }
 
-    // Step 3 (SPEC 2, gld[k]): add the four loaders' sums of each class in a fixed order.
+    // Step 3 (SPEC 2, gld[k], and gsum): add the four loaders' sums of each class in a fixed
+    // order.
     gz_parts[load_row][load_col] = gz_sum;
     gl_parts[load_row][load_col] = gl_sum;
+    gs_parts[load_row][load_col] = gs_sum;
     __syncthreads();
     if (tid < kTile) {
         T gz_total = 0;
         T gl_total = 0;
-        for (int p = 0; p < kThreads / kTile; ++p) {
+        T gs_total = 0;
+        for (int p = 0; p < kRows; ++p) {
             gz_total += gz_parts[p][tid];
             gl_total += gl_parts[p][tid];
+            gs_total += gs_parts[p][tid];
         }
         g_log_det[tid] = (logdet_lkd ? T(0.5) : T(0)) * gl_total -
                          (logdet_logits ? T(0.5) : T(0)) * gz_total;
+        g_sum[tid] = gs_total;
     }
     __syncthreads();
 
-    // Step 4: dmean, and the bracket of dlog_var (SPEC 2).
+    if constexpr (kExpanded) {
+        load_means();
+        // Step 4 (expanded): P and Q from the sums, then the samples of the slice labelled with
+        // one of the tile's classes, in the direct form and in sample order. The block reads
+        // the labels 256 at a time; each warp's ballot marks the tile's samples.
+#pragma unroll
+        for (int r = 0; r < kPer; ++r) {
+            const T gs = g_sum[4 * ty + r];
+#pragma unroll
+            for (int c = 0; c < kPer; ++c) {
+                const T m = mv[r][c];
+                const T s1 = p_acc[r][c];
+                p_acc[r][c] = fma_of(-m, gs, s1);
+                q_acc[r][c] = fma_of(-m, fma_of(-m, gs, T(2) * s1), q_acc[r][c]);
+            }
+        }
+        // A class whose mean or log-variance is bad: every sample of the slice, directly.
+#pragma unroll
+        for (int r = 0; r < kPer; ++r) {
+            const int k = class0 + 4 * ty + r;
+            if (k >= num_classes || !bad_class[k]) continue;
+#pragma unroll
+            for (int c = 0; c < kPer; ++c) {
+                const int j = col0 + 4 * tx + c;
+                if (j >= dim) continue;
+                const T mu = terms[(long long)k * dim + j].x;
+                T p = 0;
+                T q = 0;
+                for (int i = i_begin; i < i_end; ++i) {
+                    const T g = grad_half_distance(grad_logits[(long long)i * num_classes + k],
+                                                   k, label[i], grad_lkd[i], alpha);
+                    const T t = x[(long long)i * dim + j] - mu;
+                    const T gt = g * t;
+                    p += gt;
+                    q += gt * t;  // rounded apart, as the reference: terms that overflow give
+                                  // +-Inf each, and NaN when both signs meet
+                }
+                p_acc[r][c] = p;
+                q_acc[r][c] = q;
+            }
+        }
+        // The samples labelled with one of the tile's classes (their label class) and those with
+        // a non-finite feature (every class), in sample order.
+        for (int base = i_begin; base < i_end; base += kThreads) {
+            const int i = base + tid;
+            const bool in = i < i_end;
+            const int y = in ? label[i] : -1;
+            const unsigned hit = __ballot_sync(
+                0xffffffffu, in && ((y >= class0 && y < class0 + kTile) || bad_row[i]));
+            if (lane == 0) labelled[tid / 32] = hit;
+            __syncthreads();
+            for (int w = 0; w < kWarps; ++w) {
+                unsigned todo = labelled[w];
+                while (todo) {
+                    const int si = base + 32 * w + __ffs((int)todo) - 1;
+                    todo &= todo - 1;
+                    const int sy = label[si];
+                    const bool every = bad_row[si] != 0;
+                    if (!every && (sy - class0) / 4 != ty) continue;  // another thread row's
+#pragma unroll
+                    for (int r = 0; r < kPer; ++r) {
+                        const int k = class0 + 4 * ty + r;
+                        if (k >= num_classes || bad_class[k] || (!every && k != sy)) continue;
+                        const T g = grad_half_distance(
+                            grad_logits[(long long)si * num_classes + k], k, sy, grad_lkd[si],
+                            alpha);
+#pragma unroll
+                        for (int c = 0; c < kPer; ++c) {
+                            const int j = col0 + 4 * tx + c;
+                            if (j >= dim) continue;
+                            const T t = x[(long long)si * dim + j] - terms[(long long)k * dim + j].x;
+                            const T gt = g * t;
+                            p_acc[r][c] += gt;
+                            q_acc[r][c] = fma_of(gt, t, q_acc[r][c]);
+                        }
+                    }
+                }
+            }
+            __syncthreads();  // before the next chunk's ballots overwrite labelled
+        }
+    }
+
+    // Step 5: dmean, and the bracket of dlog_var (SPEC 2).
     const bool final_output = gridDim.z == 1;
     const long long slice = (long long)blockIdx.z * num_classes * dim;
 #pragma unroll

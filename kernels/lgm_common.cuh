@@ -1,7 +1,8 @@
 // Device helpers and tile sizes shared by the L-GM kernels (SPEC sections 1-2).
 //
-// Every kernel that contracts over N x K x D works on a 64 x 64 output tile with 256 threads: the
-// threads form a 16 x 16 grid and each owns 4 x 4 outputs. The contracted dimension is walked in
+// Every kernel that contracts over N x K x D works on an output tile with 256 threads: the
+// threads form a 16 x 16 grid and each owns 4 x 4 outputs of a 64 x 64 tile (the forward in
+// float32: 8 samples x 4 classes of a 128 x 64 tile, Blocking<float>::kRowsPer). The contracted dimension is walked in
 // steps of Blocking<T>::kStep through shared memory, two buffers deep: the next step's tile is
 // read from global memory into registers while the current one is used, and stored to the other
 // buffer after, so each step needs one barrier. Each step's sum is formed separately before it is
@@ -26,11 +27,15 @@ template <>
 struct Blocking<float> {
     static constexpr int kStep = 16;
     static constexpr int kMinBlocks = 2;  // __launch_bounds__: at most 128 registers
+    static constexpr int kRowsPer = 8;    // forward: samples per thread (one sum per output)
+    static constexpr int kForwardStep = 8;  // forward: fewer prefetch registers for its tiles
 };
 template <>
 struct Blocking<double> {
     static constexpr int kStep = 8;
     static constexpr int kMinBlocks = 1;
+    static constexpr int kRowsPer = 4;
+    static constexpr int kForwardStep = 8;
 };
 
 // (mu, iv) of one element of the interleaved mean_iv (K, D, 2) buffer, read in one load.
@@ -130,6 +135,16 @@ template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
     for (int offset = 16; offset > 0; offset >>= 1) {
         v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// Maximum over the 32 lanes of a warp (a NaN may or may not win; callers test finiteness apart).
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const T other = __shfl_xor_sync(0xffffffffu, v, offset);
+        v = other > v ? other : v;
     }
     return v;
 }

@@ -5,18 +5,44 @@
 // lgm::forward<T, int, false> the label-free form: logits without margin, no lkd.
 // lgm::lkd_rows<T>           lkd of given int32 classes, one warp per sample (the label-free
 //                            form's predicted class).
-// Launch: block 256; forward grid (ceil(K / 64), ceil(N / 64)); lkd_rows grid ceil(N / 8).
-// mean_iv and log_det come from lgm::class_terms (lgm_class_terms.cu).
+// Launch: block 256; forward grid (ceil(K / 64), ceil(N / (16 Blocking<T>::kRowsPer))), i.e.
+// 128 samples a tile in float32, 64 in float64; lkd_rows grid ceil(N / 8).
+// shift, terms, sq, mean_iv and log_det come from lgm_class_terms.cu (the scaled terms).
+//
+// The distance is computed in the scaled form d = sum_j (x'_j a_j - m_j a_j)^2, with
+// x' = x - shift, m = mu - shift and a = sqrt(iv): two fused multiply-adds per (i, k, j). Each
+// term's error is a few ulps of |x' a| + |m a| <= |t| + 2 |m a|, so by Cauchy-Schwarz the error of
+// d is a few ulps of d + sqrt(d B_k), B_k = sum_j (m a)^2. Where the scaled form may have
+// cancelled, B_k > Ratio<T>::kValue * d, the entry is recomputed in the direct form
+// sum_j (x_j - mu_j)^2 iv_j (exact to a few ulps of d however close x is to mu), by the whole warp
+// of the thread that holds it; so is every entry of the label column (lkd and the margin logit:
+// where training puts the features, the distance to the own class is tiny). Non-finite inputs
+// stay in their own row or column in either form.
 #include "lgm_common.cuh"
 
 namespace lgm {
 
+// Entries whose B_k exceeds kValue * d are recomputed directly: the scaled form's error is then
+// at most a few (1 + sqrt(kValue)) ulps of d. float32: within a small multiple of the direct
+// form's own few ulps; float64: about 1e-12 relative, against SPEC's 1e-9.
+template <typename T>
+struct Ratio;
+template <>
+struct Ratio<float> {
+    static constexpr float kValue = 1.0f;
+};
+template <>
+struct Ratio<double> {
+    static constexpr double kValue = 1e8;
+};
+
 // One 64 x 64 tile of logits, and lkd for the samples whose label falls in the tile's classes.
-// Nothing N x K x D is stored: the tile loop reads each x and (mean, iv) element once per tile.
+// Nothing N x K x D is stored: the tile loop reads each x and scaled term once per tile.
 template <typename T, typename L, bool kWithLabel>
 __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) forward(
     // data
-    const T* __restrict__ x, const T* __restrict__ mean_iv, const T* __restrict__ log_det,
+    const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ terms,
+    const T* __restrict__ sq, const T* __restrict__ mean_iv, const T* __restrict__ log_det,
     const L* __restrict__ label, T* __restrict__ logits, T* __restrict__ lkd,
     int* __restrict__ first_bad,
     // shapes
@@ -24,53 +50,72 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) forward(
     // options
     T alpha, int logdet_logits, int logdet_lkd) {
     using P = typename Pair<T>::type;
-    constexpr int S = Blocking<T>::kStep;
+    constexpr int S = Blocking<T>::kForwardStep;
     constexpr int W = Vec<T>::kWidth;
-    constexpr int kLoads = kTile * S / kThreads;  // elements of each tile one thread loads
-    constexpr int kLoadRows = kThreads / S;       // tile rows one pass of loads covers
-    // Rows of S elements along D, padded by one 16-byte word: the 8 threads of a quarter-warp
-    // read 8 consecutive class rows, whose words then fall in 8 different bank groups.
-    __shared__ __align__(16) T x_tile[2][kTile][S + W];
-    __shared__ __align__(16) T mean_tile[2][kTile][S + W];
-    __shared__ __align__(16) T iv_tile[2][kTile][S + W];
+    constexpr int R = Blocking<T>::kRowsPer;  // samples per thread
+    constexpr int kRowsTile = 16 * R;         // samples per tile
+    constexpr int kLoadRows = kThreads / S;   // tile rows one pass of loads covers
+    constexpr int kXLoads = kRowsTile / kLoadRows;  // x elements one thread loads per step
+    constexpr int kTLoads = kTile / kLoadRows;      // term pairs one thread loads per step
+    // The tiles run along their outputs (samples; classes), one row per feature, padded by one
+    // 16-byte word: each thread reads R contiguous samples and 4 contiguous classes.
+    __shared__ __align__(16) T x_tile[2][S][kRowsTile + W];  // x - shift
+    __shared__ __align__(16) T a_tile[2][S][kTile + W];      // a = sqrt(iv)
+    __shared__ __align__(16) T ma_tile[2][S][kTile + W];     // -(mu - shift) a
 
-    const int tx = threadIdx.x % 16;  // computes classes tx + 16 c
-    const int ty = threadIdx.x / 16;  // computes samples ty + 16 r
+    const int tx = threadIdx.x % 16;  // computes classes 4 tx + c
+    const int ty = threadIdx.x / 16;  // computes samples R ty + r
+    const int lane = threadIdx.x % 32;
     const int class0 = blockIdx.x * kTile;
-    const int row0 = blockIdx.y * kTile;
-    // Loading: thread t fetches column t % S of tile rows t / S + kLoadRows e, so consecutive
+    const int row0 = blockIdx.y * kRowsTile;
+    // Loading: thread t fetches feature t % S of tile rows t / S + kLoadRows e, so consecutive
     // threads read consecutive features of one row. Rows past N or K load 0 (and add 0).
     const int load_col = threadIdx.x % S;
     const int load_row = threadIdx.x / S;
-    const T* x_src = x + (long long)(row0 + load_row) * dim + load_col;
-    const P* mean_iv_src =
-        reinterpret_cast<const P*>(mean_iv) + (long long)(class0 + load_row) * dim + load_col;
+    const T* x_row[kXLoads];  // the rows this thread loads, at its feature column
+#pragma unroll
+    for (int e = 0; e < kXLoads; ++e) {
+        // A row past N reads row N - 1 instead (its outputs are never stored), so the loads
+        // need no predicate of their own.
+        const int i = min(row0 + load_row + kLoadRows * e, n - 1);
+        x_row[e] = x + (long long)i * dim + load_col;
+    }
+    const P* terms_src =
+        reinterpret_cast<const P*>(terms) + (long long)(class0 + load_row) * dim + load_col;
     const long long pass = (long long)kLoadRows * dim;  // elements between a thread's rows
 
-    // Step 1 (SPEC 1, d[i,k]): walk D in steps of S.
-    T x_next[kLoads];
-    P mean_iv_next[kLoads];
+    // Step 1 (SPEC 1, d[i,k]): walk D in steps of S; the next step's tiles are read into
+    // registers while this step computes.
+    T x_next[kXLoads];
+    P terms_next[kTLoads];
     auto fetch = [&](int j0) {
         const bool in = j0 + load_col < dim;
+        const T c = in ? shift[j0 + load_col] : T(0);
 #pragma unroll
-        for (int e = 0; e < kLoads; ++e) {
+        for (int e = 0; e < kXLoads; ++e) {
+            x_next[e] = in ? x_row[e][j0] - c : T(0);
+        }
+#pragma unroll
+        for (int e = 0; e < kTLoads; ++e) {
             const int r = load_row + kLoadRows * e;
-            x_next[e] = (in && row0 + r < n) ? x_src[e * pass + j0] : T(0);
-            mean_iv_next[e] =
-                (in && class0 + r < num_classes) ? mean_iv_src[e * pass + j0] : P{T(0), T(0)};
+            terms_next[e] =
+                (in && class0 + r < num_classes) ? terms_src[e * pass + j0] : P{T(0), T(0)};
         }
     };
     auto store = [&](int buf) {
 #pragma unroll
-        for (int e = 0; e < kLoads; ++e) {
+        for (int e = 0; e < kXLoads; ++e) {
+            x_tile[buf][load_col][load_row + kLoadRows * e] = x_next[e];
+        }
+#pragma unroll
+        for (int e = 0; e < kTLoads; ++e) {
             const int r = load_row + kLoadRows * e;
-            x_tile[buf][r][load_col] = x_next[e];
-            mean_tile[buf][r][load_col] = mean_iv_next[e].x;
-            iv_tile[buf][r][load_col] = mean_iv_next[e].y;
+            a_tile[buf][load_col][r] = terms_next[e].x;
+            ma_tile[buf][load_col][r] = terms_next[e].y;
         }
     };
 
-    T acc[kPer][kPer] = {};
+    T acc[R][kPer] = {};
     const int steps = (dim + S - 1) / S;
     fetch(0);
     store(0);
@@ -80,30 +125,30 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) forward(
         const bool more = step + 1 < steps;
         if (more) fetch((step + 1) * S);  // in flight while this step computes
         // Blocked summation: this step's S terms are summed on their own, then added.
-        T part[kPer][kPer] = {};
+        T part[R][kPer] = {};
 #pragma unroll
-        for (int jj = 0; jj < S; jj += W) {
-            T xv[kPer][W];
+        for (int jj = 0; jj < S; ++jj) {
+            T xv[R], av[kPer], mv[kPer];
 #pragma unroll
-            for (int r = 0; r < kPer; ++r) load_vec(&x_tile[buf][ty + 16 * r][jj], xv[r]);
+            for (int q = 0; q < R; q += 4) {
+                T v[4];
+                load4(&x_tile[buf][jj][R * ty + q], v);
 #pragma unroll
-            for (int c = 0; c < kPer; ++c) {
-                T mv[W], vv[W];
-                load_vec(&mean_tile[buf][tx + 16 * c][jj], mv);
-                load_vec(&iv_tile[buf][tx + 16 * c][jj], vv);
+                for (int u = 0; u < 4; ++u) xv[q + u] = v[u];
+            }
+            load4(&a_tile[buf][jj][4 * tx], av);
+            load4(&ma_tile[buf][jj][4 * tx], mv);
 #pragma unroll
-                for (int w = 0; w < W; ++w) {
+            for (int r = 0; r < R; ++r) {
 #pragma unroll
-                    for (int r = 0; r < kPer; ++r) {
-                        // Direct form (x - mu)^2 iv: no cancellation however far x is from 0.
-                        const T t = xv[r][w] - mv[w];
-                        part[r][c] = fma_of(t * t, vv[w], part[r][c]);
-                    }
+                for (int c = 0; c < kPer; ++c) {
+                    const T t = fma_of(xv[r], av[c], mv[c]);  // (x' - m) a
+                    part[r][c] = fma_of(t, t, part[r][c]);
                 }
             }
         }
 #pragma unroll
-        for (int r = 0; r < kPer; ++r) {
+        for (int r = 0; r < R; ++r) {
 #pragma unroll
             for (int c = 0; c < kPer; ++c) acc[r][c] += part[r][c];
         }
@@ -113,30 +158,73 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) forward(
         __syncthreads();
     }
 
-    // Step 2 (SPEC 1, logits and lkd). Each sample's label lies in exactly one class tile, so
-    // exactly one thread of the grid writes its lkd; the first class tile checks the labels.
+    // Step 2: the labels (checked by the first class tile), and the entries to recompute
+    // directly: the label column and those where the scaled form may have cancelled. Every
+    // thread of the warp takes part in each ballot, so the loops below stay convergent.
+    __shared__ int row_class[kRowsTile];  // the tile's samples' classes (-1: none)
+    if (threadIdx.x < kRowsTile) {
+        const int i = row0 + threadIdx.x;
+        int y = -1;
+        if (kWithLabel && i < n) {
+            y = class_of(label[i], num_classes);
+            if (y < 0 && blockIdx.x == 0) atomicMin(first_bad, i);
+        }
+        row_class[threadIdx.x] = y;
+    }
+    __syncthreads();
+    T b[kPer];
+#pragma unroll
+    for (int c = 0; c < kPer; ++c) {
+        const int k = class0 + 4 * tx + c;
+        b[c] = k < num_classes ? sq[k] : T(0);
+    }
+    const P* pairs = reinterpret_cast<const P*>(mean_iv);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int i = row0 + R * ty + r;
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) {
+            const int k = class0 + 4 * tx + c;
+            const bool direct = i < n && k < num_classes &&
+                                (k == row_class[R * ty + r] || b[c] > Ratio<T>::kValue * acc[r][c]);
+            unsigned todo = __ballot_sync(0xffffffffu, direct);
+            while (todo) {
+                const int src = __ffs((int)todo) - 1;
+                todo &= todo - 1;
+                const long long di = __shfl_sync(0xffffffffu, i, src);
+                const long long dk = __shfl_sync(0xffffffffu, k, src);
+                T dist = 0;
+                for (int j = lane; j < dim; j += 32) {
+                    const P m = pairs[dk * dim + j];
+                    const T t = x[di * dim + j] - m.x;
+                    dist = fma_of(t * t, m.y, dist);
+                }
+                dist = warp_sum(dist);
+                if (lane == src) acc[r][c] = dist;
+            }
+        }
+    }
+
+    // Step 3 (SPEC 1, logits and lkd). Each sample's label lies in exactly one class tile, so
+    // exactly one thread of the grid writes its lkd.
     const T logits_ld_weight = logdet_logits ? T(0.5) : T(0);
     const T lkd_ld_weight = logdet_lkd ? T(0.5) : T(0);
     T ld[kPer];
 #pragma unroll
     for (int c = 0; c < kPer; ++c) {
-        const int k = class0 + tx + 16 * c;
+        const int k = class0 + 4 * tx + c;
         ld[c] = k < num_classes ? log_det[k] : T(0);
     }
 #pragma unroll
-    for (int r = 0; r < kPer; ++r) {
-        const int i = row0 + ty + 16 * r;
-        if (i >= n) continue;
-        int y = -1;
-        if (kWithLabel) {
-            y = class_of(label[i], num_classes);
-            if (y < 0 && blockIdx.x == 0 && tx == 0) atomicMin(first_bad, i);
-        }
+    for (int r = 0; r < R; ++r) {
+        const int i = row0 + R * ty + r;
+        if (i >= n) continue;  // rows past N: nothing to store
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
-            const int k = class0 + tx + 16 * c;
+            const int k = class0 + 4 * tx + c;
             if (k >= num_classes) continue;
             const T half_d = T(0.5) * acc[r][c];
+            const int y = row_class[R * ty + r];
             const T margin = (k == y) ? T(1) + alpha : T(1);
             logits[(long long)i * num_classes + k] = -margin * half_d - logits_ld_weight * ld[c];
             if (kWithLabel && k == y) lkd[i] = half_d + lkd_ld_weight * ld[c];

@@ -65,6 +65,9 @@ _THREADS = 256
 _TILE = 64
 _PER = 4
 _STEP = {"f32": 16, "f64": 8}
+# Samples per forward tile (16 x Blocking<T>::kRowsPer) and its step (kForwardStep).
+_FORWARD_ROWS = {"f32": 128, "f64": 64}
+_FORWARD_STEP = {"f32": 8, "f64": 8}
 _ROWS_PER_WARP_BLOCK = _THREADS // 32  # lkd_rows / class_terms: one warp per row
 # A split loop gives each slice at least this many classes / samples, so the partial buffers and
 # the extra pass stay small next to the work they parallelise.
@@ -83,19 +86,35 @@ _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64",
            np.dtype(np.int32): "i32", np.dtype(np.int64): "i64"}
 
 # (i, k, j) updates one thread makes per iteration of each contraction kernel's tile loop, by
-# dtype: 4 x 4 outputs times the step.
-MAIN_LOOP_UPDATES = {t: _PER * _PER * step for t, step in _STEP.items()}
+# (kernel, dtype): its outputs (4 x 4; the forward's 16 x 4 of a 128- or 64-sample tile) times
+# the step.
+MAIN_LOOP_UPDATES = {
+    **{(base, t): _FORWARD_ROWS[t] // 16 * _PER * _FORWARD_STEP[t]
+       for base in ("forward", "logits") for t in _T},
+    **{(base, t): _PER * _PER * _STEP[t]
+       for base in ("backward_dx", "backward_params", "backward_dx_direct",
+                    "backward_params_direct") for t in _T}}
 
 # (source file, kernel, dtype, label dtype or None, name expression) of every kernel launched.
 KERNEL_ENTRIES = tuple(
-    [("lgm_class_terms.cu", "class_terms", t, None, f"lgm::class_terms<{_T[t]}>") for t in _T]
+    [("lgm_class_terms.cu", "centroid", t, None, f"lgm::centroid<{_T[t]}>") for t in _T]
+    + [("lgm_class_terms.cu", "class_terms", t, None, f"lgm::class_terms<{_T[t]}>") for t in _T]
+    + [("lgm_class_terms.cu", "row_flags", t, None, f"lgm::row_flags<{_T[t]}>") for t in _T]
     + [("lgm_class_terms.cu", "class_ids", None, lt, f"lgm::class_ids<{_L[lt]}>") for lt in _L]
     + [("lgm_forward.cu", "forward", t, lt, f"lgm::forward<{_T[t]}, {_L[lt]}, true>")
        for t in _T for lt in _L]
     + [("lgm_forward.cu", "logits", t, None, f"lgm::forward<{_T[t]}, int, false>") for t in _T]
     + [("lgm_forward.cu", "lkd_rows", t, None, f"lgm::lkd_rows<{_T[t]}>") for t in _T]
-    + [("lgm_backward.cu", base, t, None, f"lgm::{base}<{_T[t]}>")
-       for base in ("backward_dx", "backward_params", "sum_partials") for t in _T])
+    + [("lgm_backward.cu", base + suffix, t, None, f"lgm::{base}<{_T[t]}, {expanded}>")
+       for base in ("backward_dx", "backward_params")
+       for suffix, expanded in (("", "true"), ("_direct", "false")) for t in _T]
+    + [("lgm_backward.cu", "sum_partials", t, None, f"lgm::sum_partials<{_T[t]}>") for t in _T])
+
+# Below this many features, float32 backward kernels take the direct forms (see
+# kernels/lgm_backward.cu): the expanded sums lose accuracy where the features spread far beyond
+# their distances to the other classes (SPEC 5's 2-D classes 1e2 to 1e4 apart), and with few
+# features the loads, not the arithmetic, bound the kernels. The CPU path has the same limit.
+DIRECT_BACKWARD_DIM = 32
 
 
 def _name(base, t, lt=None):
@@ -232,16 +251,17 @@ def _slices(blocks, length, resident):
     return _ceil_div(length, per_slice), per_slice
 
 
-def launch_grids(n, k, dim, sm_count, blocks_per_sm):
+def launch_grids(n, k, dim, sm_count, blocks_per_sm, dtype="f32"):
     """{kernel: (grid, loop length per slice)} of the contraction kernels for (N, K, D).
 
-    blocks_per_sm: {"forward" | "backward_dx" | "backward_params": resident blocks per SM}.
+    blocks_per_sm: {"forward" | "backward_dx" | "backward_params": resident blocks per SM};
+    dtype: "f32" or "f64" (the forward's tile height depends on it).
     """
     dim_tiles = _ceil_div(dim, _TILE)
     row_tiles, class_tiles = _ceil_div(n, _TILE), _ceil_div(k, _TILE)
     dx = _slices(row_tiles * dim_tiles, k, blocks_per_sm["backward_dx"] * sm_count)
     params = _slices(class_tiles * dim_tiles, n, blocks_per_sm["backward_params"] * sm_count)
-    return {"forward": ((class_tiles, row_tiles, 1), dim),
+    return {"forward": ((class_tiles, _ceil_div(n, _FORWARD_ROWS[dtype]), 1), dim),
             "backward_dx": ((row_tiles, dim_tiles, dx[0]), dx[1]),
             "backward_params": ((class_tiles, dim_tiles, params[0]), params[1])}
 
@@ -314,16 +334,39 @@ class _Call:
     def flag(self, value):
         return np.int32(bool(value))
 
-    def class_terms(self):
-        """mean_iv (K, D, 2) = interleaved (mu, iv) and the log-determinants (K,)."""
+    def class_terms(self, scaled):
+        """The per-class operands: (mean_iv, terms, log_det, sq, shift, bad).
+
+        mean_iv (K, D, 2) = interleaved (mu, iv); log_det (K,); shift (D,) the centroid of the
+        means; terms (K, D, 2): (sqrt(iv), -(mu - shift) sqrt(iv)) when ``scaled`` (the forward),
+        else (iv, (mu - shift) iv), 0 for a bad class; sq (K,) = sum_j ((mu - shift) sqrt(iv))^2
+        when ``scaled``, else None; bad (K,) int32: 1 where a class's mean or log-variance is not
+        finite or its terms overflow.
+        """
         xp = self.be.xp
+        shift = xp.empty(self.dim, dtype=self.dtype)
         mean_iv = xp.empty((self.k, self.dim, 2), dtype=self.dtype)
+        terms = xp.empty((self.k, self.dim, 2), dtype=self.dtype)
         log_det = xp.empty(self.k, dtype=self.dtype)
+        sq = xp.empty(self.k, dtype=self.dtype) if scaled else None
+        bad = xp.empty(self.k, dtype=np.int32)
+        if self.dim:
+            self.be.launch("lgm_class_terms.cu", _name("centroid", self.t), (1,),
+                           (self.mu, shift, np.int32(self.k), np.int32(self.dim)))
         self.be.launch("lgm_class_terms.cu", _name("class_terms", self.t),
                        (_ceil_div(self.k, _ROWS_PER_WARP_BLOCK),),
-                       (self.mu, self.log_var, mean_iv, log_det, np.int32(self.k),
-                        np.int32(self.dim)) + self.clamp() + (self.flag(self.opts.isotropic),))
-        return mean_iv, log_det
+                       (self.mu, self.log_var, shift, mean_iv, terms, log_det, sq, bad,
+                        np.int32(self.k), np.int32(self.dim)) + self.clamp()
+                       + (self.flag(self.opts.isotropic), self.flag(scaled)))
+        return mean_iv, terms, log_det, sq, shift, bad
+
+    def row_flags(self):
+        """(N,) int32: 1 where a sample has a non-finite feature."""
+        bad = self.be.xp.empty(self.n, dtype=np.int32)
+        self.be.launch("lgm_class_terms.cu", _name("row_flags", self.t),
+                       (_ceil_div(self.n, _ROWS_PER_WARP_BLOCK),),
+                       (self.x, bad, np.int32(self.n), np.int32(self.dim)))
+        return bad
 
     def class_ids(self):
         """The labels as int32 class ids (N,), -1 where a value is not a class."""
@@ -358,19 +401,20 @@ def lgm_forward_cuda(x, label, mu, log_var, opts, training, out=None, defer_chec
     with be.device():
         logits = call.output(out_logits, "logits", (call.n, call.k))
         lkd = call.output(out_lkd, "lkd", (call.n,))
-        mean_iv, log_det = call.class_terms()
-        grid = (_ceil_div(call.k, _TILE), _ceil_div(call.n, _TILE))
+        mean_iv, terms, log_det, sq, shift, _ = call.class_terms(scaled=True)
+        grid = (_ceil_div(call.k, _TILE), _ceil_div(call.n, _FORWARD_ROWS[call.t]))
+        operands = (call.x, shift, terms, sq, mean_iv, log_det)
         if call.label is not None:
             first_bad = xp.full(1, call.n, dtype=np.int32)
             be.launch("lgm_forward.cu", _name("forward", call.t, call.lt), grid,
-                      (call.x, mean_iv, log_det, call.label, logits, lkd, first_bad)
+                      operands + (call.label, logits, lkd, first_bad)
                       + call.shapes() + (call.real(opts.margin(training)),
                                          call.flag(opts.logdet_logits),
                                          call.flag(opts.logdet_lkd)))
             check = functools.partial(_raise_bad_label, first_bad, label, call.n, call.k)
         else:
             be.launch("lgm_forward.cu", _name("logits", call.t), grid,
-                      (call.x, mean_iv, log_det, None, logits, None, None) + call.shapes()
+                      operands + (None, logits, None, None) + call.shapes()
                       + (call.real(0), call.flag(opts.logdet_logits), np.int32(0)))
             if call.n:
                 # numpy.argmax semantics (the first of tied maxima), as the CPU path
@@ -423,11 +467,13 @@ def lgm_backward_cuda(x, label, mu, log_var, grad_logits, grad_lkd, opts, traini
             return dx, dmu, ds
         gz = call.array(grad_logits, "grad_logits", (n, k))
         gl = call.array(grad_lkd, "grad_lkd", (n,))
-        mean_iv, _ = call.class_terms()
+        mean_iv, terms, _, _, shift, bad_class = call.class_terms(scaled=False)
         ids = call.class_ids()
+        bad_row = call.row_flags()
         alpha = call.real(opts.margin(training))
-        dx_name = _name("backward_dx", call.t)
-        params_name = _name("backward_params", call.t)
+        form = "_direct" if call.t == "f32" and dim < DIRECT_BACKWARD_DIM else ""
+        dx_name = _name("backward_dx" + form, call.t)
+        params_name = _name("backward_params" + form, call.t)
         grids = launch_grids(n, k, dim, be.sm_count, {
             "backward_dx": be.blocks_per_sm("lgm_backward.cu", dx_name) if need[0] else 1,
             "backward_params": (be.blocks_per_sm("lgm_backward.cu", params_name)
@@ -437,7 +483,9 @@ def lgm_backward_cuda(x, label, mu, log_var, grad_logits, grad_lkd, opts, traini
             grid, per_slice = grids["backward_dx"]
             dx_out = dx if grid[2] == 1 else xp.empty((grid[2], n, dim), dtype=call.dtype)
             be.launch("lgm_backward.cu", dx_name, grid,
-                      (call.x, mean_iv, ids, gz, gl, dx_out) + call.shapes()
+                      (call.x, shift, mean_iv if form else terms, mean_iv, ids, bad_row,
+                       bad_class, gz, gl, dx_out)
+                      + call.shapes()
                       + (np.int32(per_slice), alpha))
             if dx_out is not dx:
                 _sum_partials(call, dx_out, dx, apply_mask=False)
@@ -454,7 +502,8 @@ def lgm_backward_cuda(x, label, mu, log_var, grad_logits, grad_lkd, opts, traini
             elif need[2]:
                 ds_out = ds if slices == 1 else xp.empty((slices, k, dim), dtype=call.dtype)
             be.launch("lgm_backward.cu", params_name, grid,
-                      (call.x, mean_iv, call.log_var, ids, gz, gl, dmu_out, ds_out)
+                      (call.x, shift, mean_iv, call.log_var, ids, bad_row, bad_class, gz, gl,
+                       dmu_out, ds_out)
                       + call.shapes() + (np.int32(per_slice), alpha) + call.clamp()
                       + (call.flag(opts.logdet_logits), call.flag(opts.logdet_lkd),
                          call.flag(opts.isotropic)))

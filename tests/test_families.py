@@ -132,3 +132,56 @@ def test_nonfinite_stays_in_its_row_or_column(where, value, dtype, backend, rng,
     if not (where == "s" and value == np.inf):  # an infinite log-variance is clamped: finite
         assert not np.isfinite(logits[~others]).all(), f"{backend} {where}={value}: not spread"
     assert np.isfinite(logits[others]).all(), f"{backend} {where}={value}: reached other logits"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("isotropic", [False, True])
+def test_entries_near_another_class_are_exact(backend, dtype, isotropic, rng, seed):
+    """Every class has a twin whose mean lies a hair away, so a sample's distance to the twin is
+    as tiny as to its own mean, and the expanded or scaled forms cancel there too: such entries
+    (not only the label column) must be recomputed directly. Every distance, far or near, is
+    checked elementwise against the float64 answer; SPEC's float32 rule alone would not see these
+    errors under its floor of 1e-6 of the largest logit."""
+    n, k, d = 70, 66, 33  # past a class tile, and past the centroid's sample of 63 means
+    opts = LGMOptions(num_classes=k, alpha=0.0, logdet_logits=False, isotropic=isotropic)
+    inp = family_inputs("normal", rng, n, k, d, isotropic=isotropic)
+    gap, spread = (1e-5, 1e-7) if dtype == np.float32 else (1e-8, 1e-10)
+    inp["mu"][1::2] = inp["mu"][0::2] + gap * rng.standard_normal((k // 2, d))
+    inp["x"] = inp["mu"][inp["y"].astype(np.int64)] + spread * rng.standard_normal((n, d))
+    inp = _cast(inp, dtype)
+    logits, lkd = run(backend, inp, opts)[:2]
+    x, mu = inp["x"].astype(np.float64), inp["mu"].astype(np.float64)
+    iv = np.exp(-np.clip(inp["s"].astype(np.float64), opts.logvar_min, opts.logvar_max))
+    iv = np.broadcast_to(iv, mu.shape)
+    exact = 0.5 * np.einsum("nkd,kd->nk", (x[:, None, :] - mu[None]) ** 2, iv)
+    rtol = 2e-5 if dtype == np.float32 else 1e-12  # the direct form's own error, with room
+    assert_close(-logits, exact, rtol, f"{backend} half distances", seed, atol_scale=0)
+    near = exact < 1e-6 * exact.max()
+    assert near.sum() > n, "the twins' entries are not near"  # the case is what it says
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("isotropic", [False, True])
+def test_training_gradients_near_the_means(backend, dtype, isotropic, rng, seed):
+    """The upstream gradients of training: softmax cross-entropy on the logits (almost all of
+    its weight on the label once the classes separate) plus the likelihood term. The gradients
+    are then sums of tiny differences x - mu over each class's own samples, where the expanded
+    forms would cancel; random upstream gradients on every class hide that."""
+    n, k, d = 130, 67, 40
+    opts = LGMOptions(num_classes=k, alpha=0.3, isotropic=isotropic)
+    inp = family_inputs("near_mean", rng, n, k, d, isotropic=isotropic)
+    inp["mu"] *= 3.0
+    y = inp["y"].astype(np.int64)
+    inp["x"] = inp["mu"][y] + 1e-3 * rng.standard_normal((n, d))
+    exact, _ = _references(inp, opts, np.float64)
+    logits = exact[0]
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(n), y] -= 1.0
+    inp["gz"], inp["gl"] = p / n, np.full(n, 0.1 / n)
+    inp = _cast(inp, dtype)
+    exact, yardstick = _references(inp, opts, dtype)
+    got = run(backend, inp, opts)
+    _compare(got, exact, yardstick, dtype, f"{backend} training gradients", seed)

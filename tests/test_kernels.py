@@ -376,13 +376,17 @@ def test_simulator_tests_pass_under_address_sanitizer():
 
 
 # (file, guard as written, the same without the bound): the logits store past row N, the x tile
-# load past row N, the dx store past column D.
+# load past row N (rows past N read row N - 1), the dx store past column D.
 GUARDS = [
-    ("lgm_forward.cu", "        if (i >= n) continue;\n        int y = -1;", "        int y = -1;"),
-    ("lgm_forward.cu", "(in && row0 + r < n) ? x_src[e * pass + j0]", "in ? x_src[e * pass + j0]"),
-    ("lgm_backward.cu", "            if (j < dim) out[(long long)i * dim + j] = acc[r][c];",
-     "            out[(long long)i * dim + j] = acc[r][c];"),
+    ("lgm_forward.cu", "        if (i >= n) continue;  // rows past N: nothing to store\n", ""),
+    ("lgm_forward.cu", "const int i = min(row0 + load_row + kLoadRows * e, n - 1);",
+     "const int i = row0 + load_row + kLoadRows * e;"),
+    ("lgm_backward.cu", "            if (j < dim) out[(long long)i * dim + j] = value;",
+     "            out[(long long)i * dim + j] = value;"),
+    ("lgm_backward.cu", "const bool in = i < i_end;", "const bool in = true;"),
 ]
+# the kernel each guard belongs to, as AddressSanitizer names it
+GUARDED_KERNELS = ["lgm::forward", "lgm::forward", "lgm::backward_dx", "lgm::backward_params"]
 
 _FAULTY_RUN = r"""
 import sys
@@ -408,13 +412,13 @@ print("no fault found")
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("file_name, guard, unguarded", GUARDS, ids=["forward_store",
-                                                                     "forward_load", "dx_store"])
-def test_kernel_with_a_bounds_guard_removed_fails(file_name, guard, unguarded):
+@pytest.mark.parametrize("file_name, guard, unguarded, kernel",
+                         [g + (k,) for g, k in zip(GUARDS, GUARDED_KERNELS)],
+                         ids=["forward_store", "forward_load", "dx_store", "params_label_scan"])
+def test_kernel_with_a_bounds_guard_removed_fails(file_name, guard, unguarded, kernel):
     proc = _asan_run(["-c", _FAULTY_RUN, file_name, guard, unguarded], timeout=540)
     assert proc.returncode != 0 and "no fault found" not in proc.stdout, proc.stdout[-2000:]
     # a heap overflow, or a use after free where the stray access lands in freed memory, reported
     # inside the kernel that lost its guard
-    kernel = "lgm::forward" if file_name == "lgm_forward.cu" else "lgm::backward_dx"
     assert "ERROR: AddressSanitizer:" in proc.stderr and kernel in proc.stderr, (
         proc.stderr[-3000:])
