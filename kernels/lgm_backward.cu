@@ -91,13 +91,21 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
     }
     int y_load[kLoads];
     T gl_load[kExpanded ? 1 : kLoads];  // expanded: the label column's G is formed in step 3
-    const T* gz_src[kLoads];  // null past N: padding rows contribute nothing
+    // Direct: null past N (padding rows contribute nothing). Expanded: a row past N reads row
+    // N - 1 and a class past the slice the slice's last, and a select makes them 0, so the loads
+    // need no predicates; such a row's y_load is -2, which no class matches.
+    const T* gz_src[kLoads];
 #pragma unroll
     for (int e = 0; e < kLoads; ++e) {
         const int i = row0 + g_row + kGRows * e;
-        y_load[e] = i < n ? label[i] : -1;
-        if constexpr (!kExpanded) gl_load[e] = i < n ? grad_lkd[i] : T(0);
-        gz_src[e] = i < n ? grad_logits + (long long)i * num_classes : nullptr;
+        if constexpr (kExpanded) {
+            y_load[e] = i < n ? label[i] : -2;
+            gz_src[e] = grad_logits + (long long)min(i, n - 1) * num_classes;
+        } else {
+            y_load[e] = i < n ? label[i] : -1;
+            gl_load[e] = i < n ? grad_lkd[i] : T(0);
+            gz_src[e] = i < n ? grad_logits + (long long)i * num_classes : nullptr;
+        }
     }
 
     // Step 2 (SPEC 2, dx): walk the classes in steps of S with blocked summation. The pairs are
@@ -106,24 +114,29 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
     const int p_col = tid % kTile;
     const int p_row = tid / kTile;
     const bool p_in = col0 + p_col < dim;
-    const P* terms = reinterpret_cast<const P*>(pairs) + col0 + p_col;
+    const P* terms = reinterpret_cast<const P*>(pairs) + (kExpanded ? min(col0 + p_col, dim - 1)
+                                                                    : col0 + p_col);
     T g_next[kLoads];
     P pair_next[kLoads];
     auto fetch = [&](int k0) {
 #pragma unroll
         for (int e = 0; e < kLoads; ++e) {
             const int k = k0 + g_col;
-            T g = 0;
-            if (gz_src[e] && k < k_end) {
-                if constexpr (kExpanded) {
-                    g = k == y_load[e] ? T(0) : -gz_src[e][k];
-                } else {
+            const int kp = k0 + p_row + kPRows * e;
+            if constexpr (kExpanded) {
+                const T gz = gz_src[e][min(k, k_end - 1)];
+                g_next[e] = (k < k_end && y_load[e] != -2 && k != y_load[e]) ? -gz : T(0);
+                const P t = terms[(long long)min(kp, k_end - 1) * dim];
+                const bool use = p_in && kp < k_end;
+                pair_next[e] = P{use ? t.x : T(0), use ? t.y : T(0)};
+            } else {
+                T g = 0;
+                if (gz_src[e] && k < k_end) {
                     g = grad_half_distance(gz_src[e][k], k, y_load[e], gl_load[e], alpha);
                 }
+                g_next[e] = g;
+                pair_next[e] = (p_in && kp < k_end) ? terms[(long long)kp * dim] : P{T(0), T(0)};
             }
-            g_next[e] = g;
-            const int kp = k0 + p_row + kPRows * e;
-            pair_next[e] = (p_in && kp < k_end) ? terms[(long long)kp * dim] : P{T(0), T(0)};
         }
     };
     auto store = [&](int buf) {
@@ -137,8 +150,10 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
 
     T acc[kSums][kPer][kPer] = {};
     const int steps = k_end > k_begin ? (k_end - k_begin + S - 1) / S : 0;
-    fetch(k_begin);
-    store(0);
+    if (steps) {
+        fetch(k_begin);
+        store(0);
+    }
     __syncthreads();
     for (int step = 0; step < steps; ++step) {
         const int buf = step & 1;
@@ -343,30 +358,43 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     T gl_sum = 0;
     T gs_sum = 0;
     T g_next[kLoads], x_next[kLoads];
+    // Expanded: a row past the slice reads the slice's last row, a class past K class K - 1 and
+    // a feature past D feature D - 1, and selects make them 0, so the loads need no predicates.
+    const int k_read = min(k_load, num_classes - 1);
+    const int j_read = min(col0 + load_col, dim - 1);
     auto fetch = [&](int i0) {
 #pragma unroll
         for (int e = 0; e < kLoads; ++e) {
             const int i = i0 + load_row + kRows * e;
             const bool row_in = i < i_end;
-            // expanded: a sample with a non-finite feature enters in step 4 only
-            const bool expand = row_in && !(kExpanded && bad_row[i]);
-            T g = 0;
-            if (row_in && k_in) {
-                const T gz = grad_logits[(long long)i * num_classes + k_load];
-                const int y = label[i];
-                const T gl = grad_lkd[i];
-                if (kExpanded) {
-                    g = (k_load == y || !expand) ? T(0) : -gz;  // the label's terms: step 4
-                    gs_sum += g;
-                } else {
+            if constexpr (kExpanded) {
+                const int ir = min(i, i_end - 1);
+                const T gz = grad_logits[(long long)ir * num_classes + k_read];
+                const int y = label[ir];
+                const T gl = grad_lkd[ir];
+                const T xv = x[(long long)ir * dim + j_read];
+                // a sample with a non-finite feature enters in step 4 only, as does the label
+                const bool expand = row_in && !bad_row[ir];
+                const bool use = row_in && k_in;
+                const T g = (use && expand && k_load != y) ? -gz : T(0);
+                gs_sum += g;
+                gz_sum += use ? gz : T(0);
+                gl_sum += (use && k_load == y) ? gl : T(0);
+                g_next[e] = g;
+                x_next[e] = (expand && j_in) ? xv - x_shift : T(0);
+            } else {
+                T g = 0;
+                if (row_in && k_in) {
+                    const T gz = grad_logits[(long long)i * num_classes + k_load];
+                    const int y = label[i];
+                    const T gl = grad_lkd[i];
                     g = grad_half_distance(gz, k_load, y, gl, alpha);
+                    gz_sum += gz;
+                    if (k_load == y) gl_sum += gl;
                 }
-                gz_sum += gz;
-                if (k_load == y) gl_sum += gl;
+                g_next[e] = g;
+                x_next[e] = (row_in && j_in) ? x[(long long)i * dim + col0 + load_col] : T(0);
             }
-            g_next[e] = g;
-            x_next[e] = (expand && j_in) ? x[(long long)i * dim + col0 + load_col] - x_shift
-                                         : T(0);
         }
     };
     auto store = [&](int buf) {
@@ -383,8 +411,10 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     T p_acc[kPer][kPer] = {};  // expanded: S1
     T q_acc[kPer][kPer] = {};  // expanded: S2
     const int steps = i_end > i_begin ? (i_end - i_begin + S - 1) / S : 0;
-    fetch(i_begin);
-    store(0);
+    if (steps) {
+        fetch(i_begin);
+        store(0);
+    }
     __syncthreads();
     for (int step = 0; step < steps; ++step) {
         const int buf = step & 1;
@@ -500,7 +530,10 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
             }
         }
         // The samples labelled with one of the tile's classes (their label class) and those with
-        // a non-finite feature (every class), in sample order.
+        // a non-finite feature (every class), in sample order, summed on their own before they
+        // are added (blocked summation, as in the main loop).
+        T p_direct[kPer][kPer] = {};
+        T q_direct[kPer][kPer] = {};
         for (int base = i_begin; base < i_end; base += kThreads) {
             const int i = base + tid;
             const bool in = i < i_end;
@@ -530,13 +563,21 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
                             if (j >= dim) continue;
                             const T t = x[(long long)si * dim + j] - terms[(long long)k * dim + j].x;
                             const T gt = g * t;
-                            p_acc[r][c] += gt;
-                            q_acc[r][c] = fma_of(gt, t, q_acc[r][c]);
+                            p_direct[r][c] += gt;
+                            q_direct[r][c] = fma_of(gt, t, q_direct[r][c]);
                         }
                     }
                 }
             }
             __syncthreads();  // before the next chunk's ballots overwrite labelled
+        }
+#pragma unroll
+        for (int r = 0; r < kPer; ++r) {
+#pragma unroll
+            for (int c = 0; c < kPer; ++c) {
+                p_acc[r][c] += p_direct[r][c];
+                q_acc[r][c] += q_direct[r][c];
+            }
         }
     }
 

@@ -84,13 +84,23 @@ __global__ void __launch_bounds__(kThreads) centroid(
         }
     }
     __syncthreads();
-    // Step 3: the mean of the kept rows, per feature.
+    // Step 3: the mean of the kept rows, per feature, rounded to a multiple of a power of two
+    // 8 to 16 times below the means' spread about it. Still central, and with few significant
+    // bits, so that x - shift and mu - shift are exact for most features (a shift with every bit
+    // set would round nearly every one of them, an error the direct form x - mu rarely has).
     for (int j = threadIdx.x; j < dim; j += kThreads) {
         T total = 0;
         for (int s = 0; s < sampled; ++s) {
             if (keep[s]) total += mean[rows[s] * dim + j];
         }
-        shift[j] = kept ? total / T(kept) : T(0);
+        const T centre = kept ? total / T(kept) : T(0);
+        T spread = 0;
+        for (int s = 0; s < sampled; ++s) {
+            const T off = fabs(mean[rows[s] * dim + j] - centre);
+            if (keep[s] && off > spread) spread = off;
+        }
+        const T grid = power_of_two_below(spread, 4);
+        shift[j] = grid > T(0) ? rint_of(centre / grid) * grid : centre;
     }
 }
 

@@ -95,6 +95,21 @@ __device__ __forceinline__ T clamp_gradient(T g, T s, T logvar_min, T logvar_max
     return (s >= logvar_min && s <= logvar_max) ? g : T(0);
 }
 
+// 2^(e - bits) for v = f 2^e, 0.5 <= f < 1: a power of two 2^(bits - 1) to 2^bits times below v
+// (0 for v = 0; v is finite and >= 0 here).
+__device__ __forceinline__ float power_of_two_below(float v, int bits) {
+    int e = 0;
+    const float f = frexpf(v, &e);
+    return f > 0.0f ? ldexpf(1.0f, e - bits) : 0.0f;
+}
+__device__ __forceinline__ double power_of_two_below(double v, int bits) {
+    int e = 0;
+    const double f = frexp(v, &e);
+    return f > 0.0 ? ldexp(1.0, e - bits) : 0.0;
+}
+__device__ __forceinline__ float rint_of(float v) { return rintf(v); }
+__device__ __forceinline__ double rint_of(double v) { return rint(v); }
+
 __device__ __forceinline__ float exp_of(float v) { return expf(v); }
 __device__ __forceinline__ double exp_of(double v) { return exp(v); }
 

@@ -23,21 +23,27 @@ Framework-free. The array type picks where the kernels run:
   (built with AddressSanitizer when the process runs with its runtime, ``cudasim.asan_env()``).
 
 Kernels are templates, one per kernel, instantiated by name expression per dtype (``T`` float or
-double; label dtype ``L`` float, double, int or long long). Launches per call (64 x 64 output
-tiles of 256 threads):
+double; label dtype ``L`` float, double, int or long long). Launches per call (256 threads; 64 x 64
+output tiles, the float32 forward 128 samples x 64 classes):
 
-- both: ``lgm::class_terms<T>`` forms the interleaved (mean, iv) (K, D, 2) and the
-  log-determinants (K,) once; the backward converts the labels to int32 class ids once
-  (``lgm::class_ids<L>``).
-- forward: ``lgm::forward<T, L, true>`` over (K, N) tiles, checking labels. Label-free:
+- both: ``lgm::centroid<T>`` (one block) shifts by a centroid of the means, and
+  ``lgm::class_terms<T>`` forms once the interleaved (mean, iv) (K, D, 2), the log-determinants
+  (K,), the operands of the scaled or expanded forms (K, D, 2) and the bad classes (K,); the
+  backward converts the labels to int32 class ids once (``lgm::class_ids<L>``) and marks the
+  samples with a non-finite feature (``lgm::row_flags<T>``).
+- forward: ``lgm::forward<T, L, true>`` over (K, N) tiles, checking labels, in the scaled form
+  with the label column and any entry that may have cancelled recomputed directly. Label-free:
   ``lgm::forward<T, int, false>``, an argmax by the array library, then ``lgm::lkd_rows<T>``.
-- backward: ``lgm::backward_dx<T>`` over (N, D) tiles and ``lgm::backward_params<T>`` over
-  (K, D) tiles. The loop over classes (dx) or samples (parameters) is split over gridDim.z into
-  as many slices as fill the GPU's resident blocks with the least tail (from each kernel's real
-  occupancy), into partial buffers that ``lgm::sum_partials<T>`` adds in a fixed order; the
-  isotropic log-variance gradient always goes through one such sum (over the feature tiles). No
-  atomics, so results are bitwise reproducible. No N x K buffer is made (grad_logits is read
-  in place when it is C-contiguous in x's dtype).
+- backward: ``lgm::backward_dx<T, true>`` over (N, D) tiles and ``lgm::backward_params<T, true>``
+  over (K, D) tiles, the expanded forms (the ``false`` instances, the direct forms, for float32
+  below ``DIRECT_BACKWARD_DIM`` features). The loop over classes (dx) or samples (parameters) is
+  split over gridDim.z into as many slices as fill the GPU's resident blocks with the least tail
+  (from each kernel's real occupancy), into partial buffers that ``lgm::sum_partials<T>`` adds in
+  a fixed order; the isotropic log-variance gradient always goes through one such sum (over the
+  feature tiles). No atomics, so results are bitwise reproducible. No N x K buffer is made
+  (grad_logits is read in place when it is C-contiguous in x's dtype).
+
+The accuracy of each form, and which entries take the direct one, is written in the kernels.
 
 CuPy is imported lazily: ``import lgm_op.cuda`` needs neither CuPy nor a GPU.
 """

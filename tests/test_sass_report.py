@@ -61,6 +61,16 @@ def test_main_loop_counts_a_nested_step_loop_per_trip():
     assert figures["fma"] == 8 and figures["instructions"] == 4 + 4 * 4
 
 
+def test_main_loop_is_the_tile_loop_with_the_most_fmas():
+    # an epilogue loop with a barrier and one FFMA (the rare direct entries) beside the main loop
+    instrs = [(0x10, "BAR.SYNC", ""), (0x18, "FFMA", ""), (0x20, "FFMA", ""), (0x28, "FFMA", ""),
+              (0x30, "BRA", "0x10"), (0x40, "BAR.SYNC", ""), (0x48, "FFMA", ""),
+              (0x50, "BRA", "0x40")]
+    tile, weighted, nested = sass_report.main_loop(instrs, "FFMA", 3, 1)
+    assert tile == (0x10, 0x30) and not nested
+    assert sass_report.loop_figures(weighted, "f32", 3)["fma"] == 3
+
+
 def _recorded():
     import json
     return json.loads((ROOT / "benchmarks" / "results" / "sass_report.json").read_text())
