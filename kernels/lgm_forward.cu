@@ -15,9 +15,9 @@
 // d is a few ulps of d + sqrt(d B_k), B_k = sum_j (m a)^2. Where the scaled form may have
 // cancelled, B_k > Ratio<T>::kValue * d, the entry is recomputed in the direct form
 // sum_j (x_j - mu_j)^2 iv_j (exact to a few ulps of d however close x is to mu), by the whole warp
-// of the thread that holds it; so is every entry of the label column (lkd and the margin logit:
-// where training puts the features, the distance to the own class is tiny). Non-finite inputs
-// stay in their own row or column in either form.
+// of the thread that holds it (by that thread alone when D <= kSerialDim); so is every entry of
+// the label column (lkd and the margin logit: where training puts the features, the distance to
+// the own class is tiny). Non-finite inputs stay in their own row or column in either form.
 #include "lgm_common.cuh"
 
 namespace lgm {
@@ -25,6 +25,9 @@ namespace lgm {
 // Entries whose B_k exceeds kValue * d are recomputed directly: the scaled form's error is then
 // at most a few (1 + sqrt(kValue)) ulps of d. float32: within a small multiple of the direct
 // form's own few ulps; float64: about 1e-12 relative, against SPEC's 1e-9.
+// Up to this many features, a thread recomputes its own direct entries; beyond, the warp does.
+constexpr int kSerialDim = 32;
+
 template <typename T>
 struct Ratio;
 template <>
@@ -187,6 +190,21 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) forward(
             const int k = class0 + 4 * tx + c;
             const bool direct = i < n && k < num_classes &&
                                 (k == row_class[R * ty + r] || b[c] > Ratio<T>::kValue * acc[r][c]);
+            if (dim <= kSerialDim) {
+                // Few features: each thread recomputes its own entry (with many entries near
+                // their class, as low-dimensional features often are, that keeps every lane busy).
+                if (direct) {
+                    T dist = 0;
+                    for (int j = 0; j < dim; ++j) {
+                        const P m = pairs[(long long)k * dim + j];
+                        const T t = x[(long long)i * dim + j] - m.x;
+                        dist = fma_of(t * t, m.y, dist);
+                    }
+                    acc[r][c] = dist;
+                }
+                continue;
+            }
+            // Otherwise the warp recomputes the entries one at a time, its lanes along D.
             unsigned todo = __ballot_sync(0xffffffffu, direct);
             while (todo) {
                 const int src = __ffs((int)todo) - 1;
