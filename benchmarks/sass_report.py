@@ -66,10 +66,9 @@ WARP_GRANULE = 4
 THREADS = 256
 
 # Fused multiply-adds per (i, k, j) update in the main loop of each contraction kernel (see the
-# kernels' inner loops): the scaled distance (forward) and the expanded backward forms two (two
-# products per output), the direct backward forms (float32 with few features) one.
-FMA_PER_UPDATE = {"forward": 2, "logits": 2, "backward_dx": 2, "backward_params": 2,
-                  "backward_dx_direct": 1, "backward_params_direct": 1}
+# kernels' inner loops): the scaled distance (forward) and the expanded backward forms have two
+# (two products per output).
+FMA_PER_UPDATE = {"forward": 2, "logits": 2, "backward_dx": 2, "backward_params": 2}
 # The kernels that make up one training step, in the time model.
 STEP_KERNELS = ("forward", "backward_dx", "backward_params")
 FP_OPS = {"f32": ("FFMA", "FADD", "FMUL"), "f64": ("DFMA", "DADD", "DMUL")}

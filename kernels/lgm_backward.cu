@@ -1,11 +1,11 @@
 // Backward of the L-GM loss, SPEC section 2: dx (N, D), dmean (K, D), dlog_var (K, D) or (K, 1).
 //
-// lgm::backward_dx<T, E>      one 64 x 64 tile of (samples, features) per block, looping over
-//                             classes; grid (ceil(N / 64), ceil(D / 64), class slices).
-// lgm::backward_params<T, E>  one 64 x 64 tile of (classes, features) per block, looping over
-//                             samples; grid (ceil(K / 64), ceil(D / 64), sample slices).
-// lgm::sum_partials<T>        out[e] = sum_p partial[p, e] (through the clamp when asked);
-//                             grid ceil(len / 256).
+// lgm::backward_dx<T>      one 64 x 64 tile of (samples, features) per block, looping over
+//                           classes; grid (ceil(N / 64), ceil(D / 64), class slices).
+// lgm::backward_params<T>  one 64 x 64 tile of (classes, features) per block, looping over
+//                          samples; grid (ceil(K / 64), ceil(D / 64), sample slices).
+// lgm::sum_partials<T>     out[e] = sum_p partial[p, e] (through the clamp when asked);
+//                          grid ceil(len / 256).
 // Block 256 throughout. shift, terms, mean_iv and the class ids come from lgm_class_terms.cu.
 //
 // G = dL/dd (SPEC 2) is built from grad_logits, grad_lkd and the class ids (-1: no class) while
@@ -14,19 +14,19 @@
 // parameters) over gridDim.z; each slice writes its own partial result and sum_partials adds them
 // in a fixed order. No atomics: the gradients are bitwise the same on every run.
 //
-// Two forms, E = kExpanded:
-// - expanded (E = true): with x' = x - shift and m = mu - shift, the contractions are matrix
-//   products, one fused multiply-add per output and update:
+// The expanded forms: with x' = x - shift and m = mu - shift, the contractions are matrix
+// products, one fused multiply-add per output and update:
 //     dx[i, j] = x'_ij sum_k G_ik iv_kj - sum_k G_ik (m iv)_kj
 //     P[k, j] = S1 - m gsum,  Q[k, j] = S2 - m (2 S1 - m gsum),
 //     S1 = sum_i G_ik x'_ij,  S2 = sum_i G_ik x'_ij^2,  gsum = sum_i G_ik.
-//   The label column is taken out of G and its terms are added in the direct form: where
-//   training puts the features, x lies next to its own class mean and the expansion would
-//   cancel there. The other classes' terms are as exact as the reference's, within a small
-//   factor, once the shift has made |x'| and |m| no larger than the distances.
-// - direct (E = false): the exact forms (x - mu) per update, for float32 with few features (the
-//   2-D classes 1e2 to 1e4 apart of SPEC 5: there the spread of the features is far beyond their
-//   distances to the neighbouring classes, and the expanded sums lose what the reference keeps).
+// The label column is taken out of G and its terms are added in the direct form (x - mu): where
+// training puts the features, x lies next to its own class mean and the expansion would cancel
+// there. So are the samples with a non-finite feature and the classes whose mean or log-variance
+// is not finite or overflows, whose terms would otherwise spread to every output (or meet as
+// 0 * Inf). The other classes' terms are as exact as the reference's, within a small factor, once
+// the shift has made |x'| and |m| no larger than the distances. Where the features spread far
+// beyond their distances to the other classes (SPEC 5's 2-D classes 1e2 to 1e4 apart) that does
+// not hold; the launcher then runs float32 inputs with few features through the float64 kernels.
 #include "lgm_common.cuh"
 
 namespace lgm {
@@ -39,8 +39,8 @@ __device__ __forceinline__ T grad_half_distance(T gz, int k, int y, T gl, T alph
 
 // dx[i, j] = sum_k G[i, k] (x[i, j] - mu[k, j]) iv[k, j] over classes
 // [blockIdx.z * classes_per_split, (blockIdx.z + 1) * classes_per_split), written to
-// dx_out + blockIdx.z * N * D. pairs: terms (iv, m iv) when expanded, else mean_iv (mu, iv).
-template <typename T, bool kExpanded>
+// dx_out + blockIdx.z * N * D. pairs: the terms (iv, m iv); mean_iv: (mu, iv).
+template <typename T>
 __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx(
     // data
     const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ pairs,
@@ -57,10 +57,10 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
     constexpr int kLoads = kTile * S / kThreads;
     constexpr int kGRows = kThreads / S;        // G rows one pass of loads covers
     constexpr int kPRows = kThreads / kTile;    // pair rows one pass covers
-    constexpr int kSums = kExpanded ? 2 : 1;    // accumulators per output
+    constexpr int kSums = 2;                    // accumulators per output: G iv, G (m iv)
     // All three tiles run along their 64 outputs (G along samples, padded by one 16-byte word:
     // the loaders of a warp write 16 classes of one sample, 2 per bank group); each thread reads
-    // 4 contiguous samples and 4 contiguous features (the pairs: mean and iv, or iv and m iv).
+    // 4 contiguous samples and 4 contiguous features (the pairs: iv and m iv).
     __shared__ __align__(16) T g_tile[2][S][kTile + W];
     __shared__ __align__(16) T first_tile[2][S][kTile];
     __shared__ __align__(16) T second_tile[2][S][kTile];
@@ -73,49 +73,28 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
     const int k_begin = blockIdx.z * classes_per_split;
     const int k_end = min(num_classes, k_begin + classes_per_split);
 
-    // Step 1: (direct form) this thread's x values, and the rows it loads G for: thread t loads
-    // G[t / S + kGRows e, k0 + t % S], S consecutive classes of one row.
+    // Step 1: the rows this thread loads G for: thread t loads G[t / S + kGRows e, k0 + t % S],
+    // S consecutive classes of one row. A row past N reads row N - 1 and a class past the slice
+    // the slice's last, and a select makes them 0, so the loads need no predicates; such a row's
+    // y_load is -2, which no class matches.
     const int g_col = tid % S;
     const int g_row = tid / S;
-    T xv[kExpanded ? 1 : kPer][kPer];
-    if constexpr (!kExpanded) {
-#pragma unroll
-        for (int r = 0; r < kPer; ++r) {
-            const int i = row0 + 4 * ty + r;
-#pragma unroll
-            for (int c = 0; c < kPer; ++c) {
-                const int j = col0 + 4 * tx + c;
-                xv[r][c] = (i < n && j < dim) ? x[(long long)i * dim + j] : T(0);
-            }
-        }
-    }
     int y_load[kLoads];
-    T gl_load[kExpanded ? 1 : kLoads];  // expanded: the label column's G is formed in step 3
-    // Direct: null past N (padding rows contribute nothing). Expanded: a row past N reads row
-    // N - 1 and a class past the slice the slice's last, and a select makes them 0, so the loads
-    // need no predicates; such a row's y_load is -2, which no class matches.
     const T* gz_src[kLoads];
 #pragma unroll
     for (int e = 0; e < kLoads; ++e) {
         const int i = row0 + g_row + kGRows * e;
-        if constexpr (kExpanded) {
-            y_load[e] = i < n ? label[i] : -2;
-            gz_src[e] = grad_logits + (long long)min(i, n - 1) * num_classes;
-        } else {
-            y_load[e] = i < n ? label[i] : -1;
-            gl_load[e] = i < n ? grad_lkd[i] : T(0);
-            gz_src[e] = i < n ? grad_logits + (long long)i * num_classes : nullptr;
-        }
+        y_load[e] = i < n ? label[i] : -2;
+        gz_src[e] = grad_logits + (long long)min(i, n - 1) * num_classes;
     }
 
     // Step 2 (SPEC 2, dx): walk the classes in steps of S with blocked summation. The pairs are
     // loaded along features: thread t fetches feature t % 64 of classes t / 64 + kPRows e.
-    // Expanded: the label column of G is 0 here (its term is added in step 3).
+    // The label column of G is 0 here (its term is added in step 3).
     const int p_col = tid % kTile;
     const int p_row = tid / kTile;
     const bool p_in = col0 + p_col < dim;
-    const P* terms = reinterpret_cast<const P*>(pairs) + (kExpanded ? min(col0 + p_col, dim - 1)
-                                                                    : col0 + p_col);
+    const P* terms = reinterpret_cast<const P*>(pairs) + min(col0 + p_col, dim - 1);
     T g_next[kLoads];
     P pair_next[kLoads];
     auto fetch = [&](int k0) {
@@ -123,20 +102,11 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
         for (int e = 0; e < kLoads; ++e) {
             const int k = k0 + g_col;
             const int kp = k0 + p_row + kPRows * e;
-            if constexpr (kExpanded) {
-                const T gz = gz_src[e][min(k, k_end - 1)];
-                g_next[e] = (k < k_end && y_load[e] != -2 && k != y_load[e]) ? -gz : T(0);
-                const P t = terms[(long long)min(kp, k_end - 1) * dim];
-                const bool use = p_in && kp < k_end;
-                pair_next[e] = P{use ? t.x : T(0), use ? t.y : T(0)};
-            } else {
-                T g = 0;
-                if (gz_src[e] && k < k_end) {
-                    g = grad_half_distance(gz_src[e][k], k, y_load[e], gl_load[e], alpha);
-                }
-                g_next[e] = g;
-                pair_next[e] = (p_in && kp < k_end) ? terms[(long long)kp * dim] : P{T(0), T(0)};
-            }
+            const T gz = gz_src[e][min(k, k_end - 1)];
+            g_next[e] = (k < k_end && y_load[e] != -2 && k != y_load[e]) ? -gz : T(0);
+            const P t = terms[(long long)min(kp, k_end - 1) * dim];
+            const bool use = p_in && kp < k_end;
+            pair_next[e] = P{use ? t.x : T(0), use ? t.y : T(0)};
         }
     };
     auto store = [&](int buf) {
@@ -170,12 +140,8 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
             for (int r = 0; r < kPer; ++r) {
 #pragma unroll
                 for (int c = 0; c < kPer; ++c) {
-                    if constexpr (kExpanded) {
-                        part[0][r][c] = fma_of(gv[r], fv[c], part[0][r][c]);
-                        part[kSums - 1][r][c] = fma_of(gv[r], sv[c], part[kSums - 1][r][c]);
-                    } else {
-                        part[0][r][c] = fma_of(gv[r] * (xv[r][c] - fv[c]), sv[c], part[0][r][c]);
-                    }
+                    part[0][r][c] = fma_of(gv[r], fv[c], part[0][r][c]);
+                    part[1][r][c] = fma_of(gv[r], sv[c], part[1][r][c]);
                 }
             }
         }
@@ -191,12 +157,12 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
         __syncthreads();
     }
 
-    // Step 3: this slice's sum. Expanded: x' (G iv) - G (m iv), plus in the direct form the
+    // Step 3: this slice's sum: x' (G iv) - G (m iv), plus in the direct form the
     // label column's term G[i, y] (x - mu_y) iv_y (from the slice that holds y) and the terms of
     // the slice's bad classes (their pairs were 0 in the tiles); a sample with a non-finite
     // feature takes every class of the slice in the direct form.
     T* out = dx_out + (long long)blockIdx.z * n * dim;
-    if constexpr (kExpanded) {
+    {
         const P* direct = reinterpret_cast<const P*>(mean_iv);
         __shared__ unsigned flagged[kThreads / 32];
         int y[kPer];
@@ -220,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
                         value = fma_of(g * (xij - m.x), m.y, value);
                     }
                 } else {
-                    value = fma_of(xij - shift[j], acc[0][r][c], -acc[kSums - 1][r][c]);
+                    value = fma_of(xij - shift[j], acc[0][r][c], -acc[1][r][c]);
                     const int yr = y[r];
                     if (yr >= k_begin && yr < k_end && !bad_class[yr]) {
                         const T g = grad_half_distance(grad_logits[(long long)i * num_classes + yr],
@@ -279,8 +245,8 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
 // dmean and dlog_var over samples [blockIdx.z * rows_per_split, (blockIdx.z + 1) * rows_per_split):
 //   P[k, j] = sum_i G[i, k] (x[i, j] - mu[k, j]),  Q[k, j] = sum_i G[i, k] (x[i, j] - mu[k, j])^2
 //   dmean = -iv P,  bracket = -0.5 iv Q + gld[k]                         (SPEC 2)
-// (expanded: P and Q from S1, S2 and gsum over the samples of other classes, plus the direct
-// terms of the samples labelled k). With one slice (gridDim.z == 1) and a diagonal variance,
+// (P and Q from S1, S2 and gsum over the samples of other classes, plus the direct terms of the
+// samples labelled k, of the samples with a non-finite feature, and of a bad class). With one slice (gridDim.z == 1) and a diagonal variance,
 // dlog_var_out receives the final bracket * mask. Otherwise dmean_out / dlog_var_out are partial
 // buffers:
 //   dmean_out[z, k, j]; diagonal: dlog_var_out[z, k, j] = bracket;
@@ -288,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
 //   features,
 // and sum_partials finishes them (the mask is applied after the sum, as in SPEC 2). A null
 // dmean_out or dlog_var_out is not written (a gradient nobody asked for).
-template <typename T, bool kExpanded>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_params(
     // data
     const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ mean_iv,
@@ -304,16 +270,16 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     constexpr int kRows = kThreads / kTile;  // sample rows one pass of loads covers
     constexpr int kWarps = kThreads / 32;
     // The tiles run along their 64 outputs; each thread reads 4 contiguous classes and 4
-    // contiguous features of one sample. Expanded: x' and x'^2; direct: x (the second unused).
-    __shared__ __align__(16) T g_tile[2][S][kTile];  // G[i0 + ., class0 + .]
-    __shared__ __align__(16) T x_tile[2][S][kTile];  // x[i0 + ., col0 + .]
-    __shared__ __align__(16) T x2_tile[kExpanded ? 2 : 1][kExpanded ? S : 1][kTile];
+    // contiguous features of one sample.
+    __shared__ __align__(16) T g_tile[2][S][kTile];   // G[i0 + ., class0 + .]
+    __shared__ __align__(16) T x_tile[2][S][kTile];   // x'[i0 + ., col0 + .]
+    __shared__ __align__(16) T x2_tile[2][S][kTile];  // x'^2
     __shared__ T gz_parts[kRows][kTile];  // per loader row, summed in order
     __shared__ T gl_parts[kRows][kTile];
-    __shared__ T gs_parts[kRows][kTile];
+    __shared__ double gs_parts[kRows][kTile];
     __shared__ T g_log_det[kTile];
     __shared__ T g_sum[kTile];
-    __shared__ unsigned labelled[kWarps];  // expanded: which samples of a chunk are the tile's
+    __shared__ unsigned labelled[kWarps];  // which samples of a chunk step 3 takes directly
 
     const int tid = threadIdx.x;
     const int tx = tid % 16;  // computes features 4 tx + c
@@ -324,8 +290,7 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     const int i_begin = blockIdx.z * rows_per_split;
     const int i_end = min(n, i_begin + rows_per_split);
 
-    // Step 1: this thread's means (expanded: mu - shift, read after the loop, which does not
-    // need them).
+    // This thread's means, mu - shift (read after the loop, which does not need them).
     using P = typename Pair<T>::type;
     const P* terms = reinterpret_cast<const P*>(mean_iv);
     T mv[kPer][kPer];
@@ -338,28 +303,29 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
                 const int j = col0 + 4 * tx + c;
                 const bool in = k < num_classes && j < dim;
                 mv[r][c] = in ? terms[(long long)k * dim + j].x : T(0);
-                if (kExpanded && in) mv[r][c] -= shift[j];
+                if (in) mv[r][c] -= shift[j];
             }
         }
     };
-    if constexpr (!kExpanded) load_means();
 
-    // Step 2 (SPEC 2, P and Q): walk the samples in steps of S with blocked summation. Thread
+    // Step 1 (SPEC 2, P and Q): walk the samples in steps of S with blocked summation. Thread
     // tid loads G and x at column tid % 64 of sample rows tid / 64 + kRows e (coalesced along
     // rows of grad_logits and x) and, on the way, sums the grad_logits and grad_lkd that enter
-    // gld (and, expanded, the G that enters gsum).
+    // gld and the G that enters gsum.
     const int load_col = tid % kTile;
     const int load_row = tid / kTile;
     const int k_load = class0 + load_col;
     const bool k_in = k_load < num_classes;
     const bool j_in = col0 + load_col < dim;
-    const T x_shift = (kExpanded && j_in) ? shift[col0 + load_col] : T(0);
+    const T x_shift = j_in ? shift[col0 + load_col] : T(0);
     T gz_sum = 0;
     T gl_sum = 0;
-    T gs_sum = 0;
+    // gsum multiplies the means in P and Q, where the expansion cancels: summed in double, so
+    // that its rounding (a sum of N terms per loader) does not dominate theirs
+    double gs_sum = 0;
     T g_next[kLoads], x_next[kLoads];
-    // Expanded: a row past the slice reads the slice's last row, a class past K class K - 1 and
-    // a feature past D feature D - 1, and selects make them 0, so the loads need no predicates.
+    // A row past the slice reads the slice's last row, a class past K class K - 1 and a feature
+    // past D feature D - 1, and selects make them 0, so the loads need no predicates.
     const int k_read = min(k_load, num_classes - 1);
     const int j_read = min(col0 + load_col, dim - 1);
     auto fetch = [&](int i0) {
@@ -367,34 +333,20 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
         for (int e = 0; e < kLoads; ++e) {
             const int i = i0 + load_row + kRows * e;
             const bool row_in = i < i_end;
-            if constexpr (kExpanded) {
-                const int ir = min(i, i_end - 1);
-                const T gz = grad_logits[(long long)ir * num_classes + k_read];
-                const int y = label[ir];
-                const T gl = grad_lkd[ir];
-                const T xv = x[(long long)ir * dim + j_read];
-                // a sample with a non-finite feature enters in step 4 only, as does the label
-                const bool expand = row_in && !bad_row[ir];
-                const bool use = row_in && k_in;
-                const T g = (use && expand && k_load != y) ? -gz : T(0);
-                gs_sum += g;
-                gz_sum += use ? gz : T(0);
-                gl_sum += (use && k_load == y) ? gl : T(0);
-                g_next[e] = g;
-                x_next[e] = (expand && j_in) ? xv - x_shift : T(0);
-            } else {
-                T g = 0;
-                if (row_in && k_in) {
-                    const T gz = grad_logits[(long long)i * num_classes + k_load];
-                    const int y = label[i];
-                    const T gl = grad_lkd[i];
-                    g = grad_half_distance(gz, k_load, y, gl, alpha);
-                    gz_sum += gz;
-                    if (k_load == y) gl_sum += gl;
-                }
-                g_next[e] = g;
-                x_next[e] = (row_in && j_in) ? x[(long long)i * dim + col0 + load_col] : T(0);
-            }
+            const int ir = min(i, i_end - 1);
+            const T gz = grad_logits[(long long)ir * num_classes + k_read];
+            const int y = label[ir];
+            const T gl = grad_lkd[ir];
+            const T xv = x[(long long)ir * dim + j_read];
+            // a sample with a non-finite feature enters in step 3 only, as does the label
+            const bool expand = row_in && !bad_row[ir];
+            const bool use = row_in && k_in;
+            const T g = (use && expand && k_load != y) ? -gz : T(0);
+            gs_sum += double(g);
+            gz_sum += use ? gz : T(0);
+            gl_sum += (use && k_load == y) ? gl : T(0);
+            g_next[e] = g;
+            x_next[e] = (expand && j_in) ? xv - x_shift : T(0);
         }
     };
     auto store = [&](int buf) {
@@ -402,14 +354,12 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
         for (int e = 0; e < kLoads; ++e) {
             g_tile[buf][load_row + kRows * e][load_col] = g_next[e];
             x_tile[buf][load_row + kRows * e][load_col] = x_next[e];
-            if constexpr (kExpanded) {
-                x2_tile[buf][load_row + kRows * e][load_col] = x_next[e] * x_next[e];
-            }
+            x2_tile[buf][load_row + kRows * e][load_col] = x_next[e] * x_next[e];
         }
     };
 
-    T p_acc[kPer][kPer] = {};  // expanded: S1
-    T q_acc[kPer][kPer] = {};  // expanded: S2
+    T p_acc[kPer][kPer] = {};  // S1, then P
+    T q_acc[kPer][kPer] = {};  // S2, then Q
     const int steps = i_end > i_begin ? (i_end - i_begin + S - 1) / S : 0;
     if (steps) {
         fetch(i_begin);
@@ -429,30 +379,16 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
         T q_part[kPer][kPer] = {};
 #pragma unroll
         for (int ii = 0; ii < S; ++ii) {
-            T gv[kPer], xs[kPer];
+            T gv[kPer], xs[kPer], x2[kPer];
             load4(&g_tile[buf][ii][4 * ty], gv);
             load4(&x_tile[buf][ii][4 * tx], xs);
-            if constexpr (kExpanded) {
-                T x2[kPer];
-                load4(&x2_tile[buf][ii][4 * tx], x2);
+            load4(&x2_tile[buf][ii][4 * tx], x2);
 #pragma unroll
-                for (int r = 0; r < kPer; ++r) {
+            for (int r = 0; r < kPer; ++r) {
 #pragma unroll
-                    for (int c = 0; c < kPer; ++c) {
-                        p_part[r][c] = fma_of(gv[r], xs[c], p_part[r][c]);
-                        q_part[r][c] = fma_of(gv[r], x2[c], q_part[r][c]);
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int r = 0; r < kPer; ++r) {
-#pragma unroll
-                    for (int c = 0; c < kPer; ++c) {
-                        const T t = xs[c] - mv[r][c];
-                        const T gt = gv[r] * t;
-                        p_part[r][c] += gt;
-                        q_part[r][c] = fma_of(gt, t, q_part[r][c]);
-                    }
+                for (int c = 0; c < kPer; ++c) {
+                    p_part[r][c] = fma_of(gv[r], xs[c], p_part[r][c]);
+                    q_part[r][c] = fma_of(gv[r], x2[c], q_part[r][c]);
                 }
             }
         }
@@ -467,16 +403,16 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
         __syncthreads();
     }
 
-    // Step 3 (SPEC 2, gld[k], and gsum): add the four loaders' sums of each class in a fixed
+    // Step 2 (SPEC 2, gld[k], and gsum): add the four loaders' sums of each class in a fixed
     // order.
     gz_parts[load_row][load_col] = gz_sum;
     gl_parts[load_row][load_col] = gl_sum;
-    gs_parts[load_row][load_col] = gs_sum;
+    gs_parts[load_row][load_col] = gs_sum;  // double: see gs_sum
     __syncthreads();
     if (tid < kTile) {
         T gz_total = 0;
         T gl_total = 0;
-        T gs_total = 0;
+        double gs_total = 0;
         for (int p = 0; p < kRows; ++p) {
             gz_total += gz_parts[p][tid];
             gl_total += gl_parts[p][tid];
@@ -484,13 +420,13 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
         }
         g_log_det[tid] = (logdet_lkd ? T(0.5) : T(0)) * gl_total -
                          (logdet_logits ? T(0.5) : T(0)) * gz_total;
-        g_sum[tid] = gs_total;
+        g_sum[tid] = T(gs_total);
     }
     __syncthreads();
 
-    if constexpr (kExpanded) {
+    {
         load_means();
-        // Step 4 (expanded): P and Q from the sums, then the samples of the slice labelled with
+        // Step 3: P and Q from the sums, then the samples of the slice labelled with
         // one of the tile's classes, in the direct form and in sample order. The block reads
         // the labels 256 at a time; each warp's ballot marks the tile's samples.
 #pragma unroll
@@ -581,7 +517,7 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
         }
     }
 
-    // Step 5: dmean, and the bracket of dlog_var (SPEC 2).
+    // Step 4: dmean, and the bracket of dlog_var (SPEC 2).
     const bool final_output = gridDim.z == 1;
     const long long slice = (long long)blockIdx.z * num_classes * dim;
 #pragma unroll

@@ -34,9 +34,9 @@ output tiles, the float32 forward 128 samples x 64 classes):
 - forward: ``lgm::forward<T, L, true>`` over (K, N) tiles, checking labels, in the scaled form
   with the label column and any entry that may have cancelled recomputed directly. Label-free:
   ``lgm::forward<T, int, false>``, an argmax by the array library, then ``lgm::lkd_rows<T>``.
-- backward: ``lgm::backward_dx<T, true>`` over (N, D) tiles and ``lgm::backward_params<T, true>``
-  over (K, D) tiles, the expanded forms (the ``false`` instances, the direct forms, for float32
-  below ``DIRECT_BACKWARD_DIM`` features). The loop over classes (dx) or samples (parameters) is
+- backward: ``lgm::backward_dx<T>`` over (N, D) tiles and ``lgm::backward_params<T>`` over
+  (K, D) tiles, the expanded forms (a float32 call below ``WIDE_BACKWARD_DIM`` features runs the
+  float64 kernels on converted inputs). The loop over classes (dx) or samples (parameters) is
   split over gridDim.z into as many slices as fill the GPU's resident blocks with the least tail
   (from each kernel's real occupancy), into partial buffers that ``lgm::sum_partials<T>`` adds in
   a fixed order; the isotropic log-variance gradient always goes through one such sum (over the
@@ -98,8 +98,7 @@ MAIN_LOOP_UPDATES = {
     **{(base, t): _FORWARD_ROWS[t] // 16 * _PER * _FORWARD_STEP[t]
        for base in ("forward", "logits") for t in _T},
     **{(base, t): _PER * _PER * _STEP[t]
-       for base in ("backward_dx", "backward_params", "backward_dx_direct",
-                    "backward_params_direct") for t in _T}}
+       for base in ("backward_dx", "backward_params") for t in _T}}
 
 # (source file, kernel, dtype, label dtype or None, name expression) of every kernel launched.
 KERNEL_ENTRIES = tuple(
@@ -111,16 +110,15 @@ KERNEL_ENTRIES = tuple(
        for t in _T for lt in _L]
     + [("lgm_forward.cu", "logits", t, None, f"lgm::forward<{_T[t]}, int, false>") for t in _T]
     + [("lgm_forward.cu", "lkd_rows", t, None, f"lgm::lkd_rows<{_T[t]}>") for t in _T]
-    + [("lgm_backward.cu", base + suffix, t, None, f"lgm::{base}<{_T[t]}, {expanded}>")
-       for base in ("backward_dx", "backward_params")
-       for suffix, expanded in (("", "true"), ("_direct", "false")) for t in _T]
-    + [("lgm_backward.cu", "sum_partials", t, None, f"lgm::sum_partials<{_T[t]}>") for t in _T])
+    + [("lgm_backward.cu", base, t, None, f"lgm::{base}<{_T[t]}>")
+       for base in ("backward_dx", "backward_params", "sum_partials") for t in _T])
 
-# Below this many features, float32 backward kernels take the direct forms (see
-# kernels/lgm_backward.cu): the expanded sums lose accuracy where the features spread far beyond
-# their distances to the other classes (SPEC 5's 2-D classes 1e2 to 1e4 apart), and with few
-# features the loads, not the arithmetic, bound the kernels. The CPU path has the same limit.
-DIRECT_BACKWARD_DIM = 32
+# Below this many features, a float32 backward runs in float64 (inputs converted, gradients
+# rounded once): the expanded sums lose accuracy where the features spread far beyond their
+# distances to the other classes (SPEC 5's 2-D classes 1e2 to 1e4 apart), and their float32 sums
+# over samples fall short of the reference's compensated ones; with few features the arithmetic
+# is a small part of the cost. The CPU path has the same limit.
+WIDE_BACKWARD_DIM = 32
 
 
 def _name(base, t, lt=None):
@@ -473,13 +471,20 @@ def lgm_backward_cuda(x, label, mu, log_var, grad_logits, grad_lkd, opts, traini
             return dx, dmu, ds
         gz = call.array(grad_logits, "grad_logits", (n, k))
         gl = call.array(grad_lkd, "grad_lkd", (n,))
+        if call.t == "f32" and dim < WIDE_BACKWARD_DIM:
+            x64, mu64, s64, gz64, gl64 = (a.astype(np.float64)
+                                          for a in (call.x, call.mu, call.log_var, gz, gl))
+            wide = lgm_backward_cuda(x64, label, mu64, s64, gz64, gl64, opts, training, need=need)
+            for given, result in zip((dx, dmu, ds), wide):
+                if given is not None:
+                    given[...] = result  # rounded once to float32
+            return dx, dmu, ds
         mean_iv, terms, _, _, shift, bad_class = call.class_terms(scaled=False)
         ids = call.class_ids()
         bad_row = call.row_flags()
         alpha = call.real(opts.margin(training))
-        form = "_direct" if call.t == "f32" and dim < DIRECT_BACKWARD_DIM else ""
-        dx_name = _name("backward_dx" + form, call.t)
-        params_name = _name("backward_params" + form, call.t)
+        dx_name = _name("backward_dx", call.t)
+        params_name = _name("backward_params", call.t)
         grids = launch_grids(n, k, dim, be.sm_count, {
             "backward_dx": be.blocks_per_sm("lgm_backward.cu", dx_name) if need[0] else 1,
             "backward_params": (be.blocks_per_sm("lgm_backward.cu", params_name)
@@ -489,8 +494,7 @@ def lgm_backward_cuda(x, label, mu, log_var, grad_logits, grad_lkd, opts, traini
             grid, per_slice = grids["backward_dx"]
             dx_out = dx if grid[2] == 1 else xp.empty((grid[2], n, dim), dtype=call.dtype)
             be.launch("lgm_backward.cu", dx_name, grid,
-                      (call.x, shift, mean_iv if form else terms, mean_iv, ids, bad_row,
-                       bad_class, gz, gl, dx_out)
+                      (call.x, shift, terms, mean_iv, ids, bad_row, bad_class, gz, gl, dx_out)
                       + call.shapes()
                       + (np.int32(per_slice), alpha))
             if dx_out is not dx:
