@@ -508,10 +508,13 @@ def _backward_numpy(x, label, mu, log_var, grad_logits, grad_lkd, opts, training
 
     # 3. parameter gradients from sum_i G_ik x_ij (and sum_i G_ik x_ij^2 for the log-variance)
     if need_dmu or need_ds:
-        g_col = g.sum(axis=0)                                     # (K,)
+        # sum_i G_ik in float64, and mc * it - gx rounded once: the column sums multiply the
+        # means where the expansion cancels, so their float32 rounding would dominate
+        g_col = g.sum(axis=0, dtype=np.float64)                   # (K,)
         gx = np.matmul(g.T, xc, out=tmp.get("kd_gx", mc.shape, work))
-        neg_resid = np.multiply(mc, g_col[:, None], out=tmp.get("kd_resid", mc.shape, work))
-        neg_resid -= gx                                           # -sum_i G_ik (xc_i - mc_k)
+        neg_resid = tmp.get("kd_resid", mc.shape, work)
+        np.subtract(mc * g_col[:, None], gx, out=neg_resid, casting="same_kind")
+        # neg_resid: -sum_i G_ik (xc_i - mc_k)
         if need_dmu:
             np.multiply(neg_resid, iv, out=dmu)
         if need_ds:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from common import (FAMILIES, NONFINITE, RTOL64, assert_close, assert_float32_rule,
-                    cpu_kernels_env, family_inputs, put_nonfinite)
+                    cpu_kernels_env, family_inputs, make_inputs, put_nonfinite)
 from lgm_op.cpu import CPUState, lgm_backward_cpu, lgm_forward_cpu
 from lgm_op.options import LGMOptions
 from lgm_op.reference import autograd_grads
@@ -186,3 +186,19 @@ def test_training_gradients_near_the_means(backend, dtype, isotropic, rng, seed)
     exact, yardstick = _references(inp, opts, dtype)
     got = run(backend, inp, opts)
     _compare(got, exact, yardstick, dtype, f"{backend} training gradients", seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("draw", [8, 13, 32, 33])
+def test_float32_gradients_of_long_sums(backend, draw):
+    """Parameter gradients summed over 1000 samples, in float32: at the entries with the largest
+    inverse variance (a log-variance at its clamp) the sum cancels a hundredfold, and the float32
+    reference sums with compensation. Column sums of G rounded in float32 (they multiply the
+    means in the expansion) or a centroid shift with every bit set broke the float32 rule on
+    these draws; the float64 column sums and the rounded centroid keep within it."""
+    n, k, d = 1000, 17, 300
+    inp = _cast(make_inputs(np.random.default_rng(draw), n, k, d), np.float32)
+    opts = LGMOptions(num_classes=k)
+    exact, yardstick = _references(inp, opts, np.float32)
+    got = run(backend, inp, opts)
+    _compare(got, exact, yardstick, np.float32, f"{backend} draw {draw}", draw)
