@@ -258,7 +258,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_params(
     // data
     const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ mean_iv,
-    const T* __restrict__ log_var, const int* __restrict__ label, const int* __restrict__ bad_row,
+    const T* __restrict__ log_var, const int* __restrict__ row_code,
     const int* __restrict__ bad_class, const T* __restrict__ grad_logits,
     const T* __restrict__ grad_lkd, T* __restrict__ dmean_out, T* __restrict__ dlog_var_out,
     // shapes
@@ -275,7 +275,6 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     __shared__ __align__(16) T x_tile[2][S][kTile];   // x'[i0 + ., col0 + .]
     __shared__ __align__(16) T x2_tile[2][S][kTile];  // x'^2
     __shared__ T gz_parts[kRows][kTile];  // per loader row, summed in order
-    __shared__ T gl_parts[kRows][kTile];
     __shared__ double gs_parts[kRows][kTile];
     __shared__ T g_log_det[kTile];
     __shared__ T g_sum[kTile];
@@ -310,8 +309,9 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
 
     // Step 1 (SPEC 2, P and Q): walk the samples in steps of S with blocked summation. Thread
     // tid loads G and x at column tid % 64 of sample rows tid / 64 + kRows e (coalesced along
-    // rows of grad_logits and x) and, on the way, sums the grad_logits and grad_lkd that enter
-    // gld and the G that enters gsum.
+    // rows of grad_logits and x) and, on the way, sums the grad_logits that enter gld and the G
+    // that enters gsum (grad_lkd enters gld in step 3). row_code: the class id of a sample, or
+    // -3 - id for one with a non-finite feature.
     const int load_col = tid % kTile;
     const int load_row = tid / kTile;
     const int k_load = class0 + load_col;
@@ -319,7 +319,6 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     const bool j_in = col0 + load_col < dim;
     const T x_shift = j_in ? shift[col0 + load_col] : T(0);
     T gz_sum = 0;
-    T gl_sum = 0;
     // gsum multiplies the means in P and Q, where the expansion cancels: summed in double, so
     // that its rounding (a sum of N terms per loader) does not dominate theirs
     double gs_sum = 0;
@@ -335,16 +334,14 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
             const bool row_in = i < i_end;
             const int ir = min(i, i_end - 1);
             const T gz = grad_logits[(long long)ir * num_classes + k_read];
-            const int y = label[ir];
-            const T gl = grad_lkd[ir];
+            const int code = row_code[ir];
             const T xv = x[(long long)ir * dim + j_read];
             // a sample with a non-finite feature enters in step 3 only, as does the label
-            const bool expand = row_in && !bad_row[ir];
+            const bool expand = row_in && code >= -1;
             const bool use = row_in && k_in;
-            const T g = (use && expand && k_load != y) ? -gz : T(0);
+            const T g = (use && expand && k_load != code) ? -gz : T(0);
             gs_sum += double(g);
             gz_sum += use ? gz : T(0);
-            gl_sum += (use && k_load == y) ? gl : T(0);
             g_next[e] = g;
             x_next[e] = (expand && j_in) ? xv - x_shift : T(0);
         }
@@ -406,24 +403,21 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     // Step 2 (SPEC 2, gld[k], and gsum): add the four loaders' sums of each class in a fixed
     // order.
     gz_parts[load_row][load_col] = gz_sum;
-    gl_parts[load_row][load_col] = gl_sum;
     gs_parts[load_row][load_col] = gs_sum;  // double: see gs_sum
     __syncthreads();
     if (tid < kTile) {
         T gz_total = 0;
-        T gl_total = 0;
         double gs_total = 0;
         for (int p = 0; p < kRows; ++p) {
             gz_total += gz_parts[p][tid];
-            gl_total += gl_parts[p][tid];
             gs_total += gs_parts[p][tid];
         }
-        g_log_det[tid] = (logdet_lkd ? T(0.5) : T(0)) * gl_total -
-                         (logdet_logits ? T(0.5) : T(0)) * gz_total;
+        g_log_det[tid] = -(logdet_logits ? T(0.5) : T(0)) * gz_total;
         g_sum[tid] = T(gs_total);
     }
     __syncthreads();
 
+    T gl_sum[kPer] = {};  // grad_lkd summed over the slice's samples of this thread's classes
     {
         load_means();
         // Step 3: P and Q from the sums, then the samples of the slice labelled with
@@ -453,8 +447,10 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
                 T p = 0;
                 T q = 0;
                 for (int i = i_begin; i < i_end; ++i) {
+                    const int code = row_code[i];
                     const T g = grad_half_distance(grad_logits[(long long)i * num_classes + k],
-                                                   k, label[i], grad_lkd[i], alpha);
+                                                   k, code >= -1 ? code : -3 - code,
+                                                   grad_lkd[i], alpha);
                     const T t = x[(long long)i * dim + j] - mu;
                     const T gt = g * t;
                     p += gt;
@@ -473,9 +469,10 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
         for (int base = i_begin; base < i_end; base += kThreads) {
             const int i = base + tid;
             const bool in = i < i_end;
-            const int y = in ? label[i] : -1;
+            const int code = in ? row_code[i] : -1;
+            const int y = code >= -1 ? code : -3 - code;
             const unsigned hit = __ballot_sync(
-                0xffffffffu, in && ((y >= class0 && y < class0 + kTile) || bad_row[i]));
+                0xffffffffu, in && ((y >= class0 && y < class0 + kTile) || code < -1));
             if (lane == 0) labelled[tid / 32] = hit;
             __syncthreads();
             for (int w = 0; w < kWarps; ++w) {
@@ -483,12 +480,14 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
                 while (todo) {
                     const int si = base + 32 * w + __ffs((int)todo) - 1;
                     todo &= todo - 1;
-                    const int sy = label[si];
-                    const bool every = bad_row[si] != 0;
+                    const int scode = row_code[si];
+                    const bool every = scode < -1;
+                    const int sy = every ? -3 - scode : scode;
                     if (!every && (sy - class0) / 4 != ty) continue;  // another thread row's
 #pragma unroll
                     for (int r = 0; r < kPer; ++r) {
                         const int k = class0 + 4 * ty + r;
+                        if (k == sy) gl_sum[r] += grad_lkd[si];
                         if (k >= num_classes || bad_class[k] || (!every && k != sy)) continue;
                         const T g = grad_half_distance(
                             grad_logits[(long long)si * num_classes + k], k, sy, grad_lkd[si],
@@ -523,7 +522,7 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
 #pragma unroll
     for (int r = 0; r < kPer; ++r) {
         const int k = class0 + 4 * ty + r;
-        const T gld = g_log_det[4 * ty + r];
+        const T gld = fma_of(logdet_lkd ? T(0.5) : T(0), gl_sum[r], g_log_det[4 * ty + r]);
         T bracket_sum = 0;  // isotropic: over this thread's features of the tile
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {

@@ -364,13 +364,15 @@ class _Call:
                        + (self.flag(self.opts.isotropic), self.flag(scaled)))
         return mean_iv, terms, log_det, sq, shift, bad
 
-    def row_flags(self):
-        """(N,) int32: 1 where a sample has a non-finite feature."""
+    def row_flags(self, ids):
+        """(bad, code): (N,) int32, 1 where a sample has a non-finite feature; (N,) int32, its
+        class id, or -3 - id for such a sample."""
         bad = self.be.xp.empty(self.n, dtype=np.int32)
+        code = self.be.xp.empty(self.n, dtype=np.int32)
         self.be.launch("lgm_class_terms.cu", _name("row_flags", self.t),
                        (_ceil_div(self.n, _ROWS_PER_WARP_BLOCK),),
-                       (self.x, bad, np.int32(self.n), np.int32(self.dim)))
-        return bad
+                       (self.x, ids, bad, code, np.int32(self.n), np.int32(self.dim)))
+        return bad, code
 
     def class_ids(self):
         """The labels as int32 class ids (N,), -1 where a value is not a class."""
@@ -481,7 +483,7 @@ def lgm_backward_cuda(x, label, mu, log_var, grad_logits, grad_lkd, opts, traini
             return dx, dmu, ds
         mean_iv, terms, _, _, shift, bad_class = call.class_terms(scaled=False)
         ids = call.class_ids()
-        bad_row = call.row_flags()
+        bad_row, row_code = call.row_flags(ids)
         alpha = call.real(opts.margin(training))
         dx_name = _name("backward_dx", call.t)
         params_name = _name("backward_params", call.t)
@@ -512,7 +514,7 @@ def lgm_backward_cuda(x, label, mu, log_var, grad_logits, grad_lkd, opts, traini
             elif need[2]:
                 ds_out = ds if slices == 1 else xp.empty((slices, k, dim), dtype=call.dtype)
             be.launch("lgm_backward.cu", params_name, grid,
-                      (call.x, shift, mean_iv, call.log_var, ids, bad_row, bad_class, gz, gl,
+                      (call.x, shift, mean_iv, call.log_var, row_code, bad_class, gz, gl,
                        dmu_out, ds_out)
                       + call.shapes() + (np.int32(per_slice), alpha) + call.clamp()
                       + (call.flag(opts.logdet_logits), call.flag(opts.logdet_lkd),
