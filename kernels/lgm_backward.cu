@@ -44,7 +44,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx(
     // data
     const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ pairs,
-    const T* __restrict__ mean_iv, const int* __restrict__ label, const int* __restrict__ bad_row,
+    const T* __restrict__ mean_iv, const int* __restrict__ row_code,
     const int* __restrict__ bad_class, const T* __restrict__ grad_logits,
     const T* __restrict__ grad_lkd, T* __restrict__ dx_out,
     // shapes
@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
 #pragma unroll
     for (int e = 0; e < kLoads; ++e) {
         const int i = row0 + g_row + kGRows * e;
-        y_load[e] = i < n ? label[i] : -2;
+        y_load[e] = i < n ? class_of_code(row_code[i]) : -2;
         gz_src[e] = grad_logits + (long long)min(i, n - 1) * num_classes;
     }
 
@@ -162,73 +162,62 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
     // the slice's bad classes (their pairs were 0 in the tiles); a sample with a non-finite
     // feature takes every class of the slice in the direct form.
     T* out = dx_out + (long long)blockIdx.z * n * dim;
-    {
-        const P* direct = reinterpret_cast<const P*>(mean_iv);
-        __shared__ unsigned flagged[kThreads / 32];
-        int y[kPer];
-        int row_bad[kPer];
+    const P* direct = reinterpret_cast<const P*>(mean_iv);
+    __shared__ unsigned flagged[kThreads / 32];
+    int y[kPer];
+    bool row_bad[kPer];
 #pragma unroll
-        for (int r = 0; r < kPer; ++r) {
-            const int i = row0 + 4 * ty + r;
-            y[r] = i < n ? label[i] : -1;
-            row_bad[r] = i < n ? bad_row[i] : 0;
+    for (int r = 0; r < kPer; ++r) {
+        const int i = row0 + 4 * ty + r;
+        const int code = i < n ? row_code[i] : -1;
+        y[r] = class_of_code(code);
+        row_bad[r] = code_is_bad(code);
 #pragma unroll
-            for (int c = 0; c < kPer; ++c) {
-                const int j = col0 + 4 * tx + c;
-                if (i >= n || j >= dim) continue;
-                const T xij = x[(long long)i * dim + j];
-                T value = 0;
-                if (row_bad[r]) {
-                    for (int k = k_begin; k < k_end; ++k) {
-                        const T g = grad_half_distance(grad_logits[(long long)i * num_classes + k],
-                                                       k, y[r], grad_lkd[i], alpha);
-                        const P m = direct[(long long)k * dim + j];
-                        value = fma_of(g * (xij - m.x), m.y, value);
-                    }
-                } else {
-                    value = fma_of(xij - shift[j], acc[0][r][c], -acc[1][r][c]);
-                    const int yr = y[r];
-                    if (yr >= k_begin && yr < k_end && !bad_class[yr]) {
-                        const T g = grad_half_distance(grad_logits[(long long)i * num_classes + yr],
-                                                       yr, yr, grad_lkd[i], alpha);
-                        const P m = direct[(long long)yr * dim + j];
-                        value = fma_of(g * (xij - m.x), m.y, value);
-                    }
+        for (int c = 0; c < kPer; ++c) {
+            const int j = col0 + 4 * tx + c;
+            if (i >= n || j >= dim) continue;
+            const T xij = x[(long long)i * dim + j];
+            T value = 0;
+            if (row_bad[r]) {
+                for (int k = k_begin; k < k_end; ++k) {
+                    const T g = grad_half_distance(grad_logits[(long long)i * num_classes + k], k,
+                                                   y[r], grad_lkd[i], alpha);
+                    const P m = direct[(long long)k * dim + j];
+                    value = fma_of(g * (xij - m.x), m.y, value);
                 }
-                acc[0][r][c] = value;
-            }
-        }
-        // The slice's bad classes, in class order: the block reads their flags 256 at a time.
-        for (int base = k_begin; base < k_end; base += kThreads) {
-            const int k = base + tid;
-            const unsigned hit = __ballot_sync(0xffffffffu, k < k_end && bad_class[k]);
-            if (tid % 32 == 0) flagged[tid / 32] = hit;
-            __syncthreads();
-            for (int w = 0; w < kThreads / 32; ++w) {
-                unsigned todo = flagged[w];
-                while (todo) {
-                    const int kb = base + 32 * w + __ffs((int)todo) - 1;
-                    todo &= todo - 1;
-#pragma unroll
-                    for (int r = 0; r < kPer; ++r) {
-                        const int i = row0 + 4 * ty + r;
-                        if (i >= n || row_bad[r]) continue;
-                        const T g = grad_half_distance(grad_logits[(long long)i * num_classes + kb],
-                                                       kb, y[r], grad_lkd[i], alpha);
-#pragma unroll
-                        for (int c = 0; c < kPer; ++c) {
-                            const int j = col0 + 4 * tx + c;
-                            if (j >= dim) continue;
-                            const P m = direct[(long long)kb * dim + j];
-                            acc[0][r][c] =
-                                fma_of(g * (x[(long long)i * dim + j] - m.x), m.y, acc[0][r][c]);
-                        }
-                    }
+            } else {
+                value = fma_of(xij - shift[j], acc[0][r][c], -acc[1][r][c]);
+                const int yr = y[r];
+                if (yr >= k_begin && yr < k_end && !bad_class[yr]) {
+                    const T g = grad_half_distance(grad_logits[(long long)i * num_classes + yr],
+                                                   yr, yr, grad_lkd[i], alpha);
+                    const P m = direct[(long long)yr * dim + j];
+                    value = fma_of(g * (xij - m.x), m.y, value);
                 }
             }
-            __syncthreads();  // before the next chunk's ballots overwrite flagged
+            acc[0][r][c] = value;
         }
     }
+    // The slice's bad classes, in class order.
+    for_each_marked(
+        k_begin, k_end, flagged, [&](int k) { return bad_class[k] != 0; },
+        [&](int kb) {
+#pragma unroll
+            for (int r = 0; r < kPer; ++r) {
+                const int i = row0 + 4 * ty + r;
+                if (i >= n || row_bad[r]) continue;
+                const T g = grad_half_distance(grad_logits[(long long)i * num_classes + kb], kb,
+                                               y[r], grad_lkd[i], alpha);
+#pragma unroll
+                for (int c = 0; c < kPer; ++c) {
+                    const int j = col0 + 4 * tx + c;
+                    if (j >= dim) continue;
+                    const P m = direct[(long long)kb * dim + j];
+                    acc[0][r][c] =
+                        fma_of(g * (x[(long long)i * dim + j] - m.x), m.y, acc[0][r][c]);
+                }
+            }
+        });
 #pragma unroll
     for (int r = 0; r < kPer; ++r) {
         const int i = row0 + 4 * ty + r;
@@ -246,9 +235,9 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
 //   P[k, j] = sum_i G[i, k] (x[i, j] - mu[k, j]),  Q[k, j] = sum_i G[i, k] (x[i, j] - mu[k, j])^2
 //   dmean = -iv P,  bracket = -0.5 iv Q + gld[k]                         (SPEC 2)
 // (P and Q from S1, S2 and gsum over the samples of other classes, plus the direct terms of the
-// samples labelled k, of the samples with a non-finite feature, and of a bad class). With one slice (gridDim.z == 1) and a diagonal variance,
-// dlog_var_out receives the final bracket * mask. Otherwise dmean_out / dlog_var_out are partial
-// buffers:
+// samples labelled k, of the samples with a non-finite feature, and of a bad class). With one
+// slice (gridDim.z == 1) and a diagonal variance, dlog_var_out receives the final bracket * mask.
+// Otherwise dmean_out / dlog_var_out are partial buffers:
 //   dmean_out[z, k, j]; diagonal: dlog_var_out[z, k, j] = bracket;
 //   isotropic: dlog_var_out[z * gridDim.y + blockIdx.y, k] = sum of the bracket over the tile's
 //   features,
@@ -268,7 +257,6 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     constexpr int S = Blocking<T>::kStep;
     constexpr int kLoads = kTile * S / kThreads;
     constexpr int kRows = kThreads / kTile;  // sample rows one pass of loads covers
-    constexpr int kWarps = kThreads / 32;
     // The tiles run along their 64 outputs; each thread reads 4 contiguous classes and 4
     // contiguous features of one sample.
     __shared__ __align__(16) T g_tile[2][S][kTile];   // G[i0 + ., class0 + .]
@@ -278,34 +266,17 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     __shared__ double gs_parts[kRows][kTile];
     __shared__ T g_log_det[kTile];
     __shared__ T g_sum[kTile];
-    __shared__ unsigned labelled[kWarps];  // which samples of a chunk step 3 takes directly
+    __shared__ unsigned labelled[kThreads / 32];  // for_each_marked's flags (step 3)
 
     const int tid = threadIdx.x;
     const int tx = tid % 16;  // computes features 4 tx + c
     const int ty = tid / 16;  // computes classes 4 ty + r
-    const int lane = tid % 32;
     const int class0 = blockIdx.x * kTile;
     const int col0 = blockIdx.y * kTile;
     const int i_begin = blockIdx.z * rows_per_split;
     const int i_end = min(n, i_begin + rows_per_split);
-
-    // This thread's means, mu - shift (read after the loop, which does not need them).
     using P = typename Pair<T>::type;
-    const P* terms = reinterpret_cast<const P*>(mean_iv);
-    T mv[kPer][kPer];
-    auto load_means = [&]() {
-#pragma unroll
-        for (int r = 0; r < kPer; ++r) {
-            const int k = class0 + 4 * ty + r;
-#pragma unroll
-            for (int c = 0; c < kPer; ++c) {
-                const int j = col0 + 4 * tx + c;
-                const bool in = k < num_classes && j < dim;
-                mv[r][c] = in ? terms[(long long)k * dim + j].x : T(0);
-                if (in) mv[r][c] -= shift[j];
-            }
-        }
-    };
+    const P* terms = reinterpret_cast<const P*>(mean_iv);  // (mu, iv)
 
     // Step 1 (SPEC 2, P and Q): walk the samples in steps of S with blocked summation. Thread
     // tid loads G and x at column tid % 64 of sample rows tid / 64 + kRows e (coalesced along
@@ -417,102 +388,97 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     }
     __syncthreads();
 
+    // Step 3: P and Q from the sums, then in the direct form and in sample order the samples of
+    // the slice labelled with one of the tile's classes (their label class) and those with a
+    // non-finite feature (every class), and a bad class's every sample.
+    T mv[kPer][kPer];  // this thread's means, mu - shift
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+        const int k = class0 + 4 * ty + r;
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) {
+            const int j = col0 + 4 * tx + c;
+            mv[r][c] = (k < num_classes && j < dim) ? terms[(long long)k * dim + j].x - shift[j]
+                                                    : T(0);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+        const T gs = g_sum[4 * ty + r];
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) {
+            const T m = mv[r][c];
+            const T s1 = p_acc[r][c];
+            p_acc[r][c] = fma_of(-m, gs, s1);
+            q_acc[r][c] = fma_of(-m, fma_of(-m, gs, T(2) * s1), q_acc[r][c]);
+        }
+    }
+    // A class whose mean or log-variance is bad: every sample of the slice, directly.
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+        const int k = class0 + 4 * ty + r;
+        if (k >= num_classes || !bad_class[k]) continue;
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) {
+            const int j = col0 + 4 * tx + c;
+            if (j >= dim) continue;
+            const T mu = terms[(long long)k * dim + j].x;
+            T p = 0;
+            T q = 0;
+            for (int i = i_begin; i < i_end; ++i) {
+                const T g = grad_half_distance(grad_logits[(long long)i * num_classes + k], k,
+                                               class_of_code(row_code[i]), grad_lkd[i], alpha);
+                const T t = x[(long long)i * dim + j] - mu;
+                const T gt = g * t;
+                p += gt;
+                q += gt * t;  // rounded apart, as the reference: terms that overflow give
+                              // +-Inf each, and NaN when both signs meet
+            }
+            p_acc[r][c] = p;
+            q_acc[r][c] = q;
+        }
+    }
+    // The labelled and non-finite samples, summed on their own before they are added (blocked
+    // summation, as in the main loop).
+    T p_direct[kPer][kPer] = {};
+    T q_direct[kPer][kPer] = {};
     T gl_sum[kPer] = {};  // grad_lkd summed over the slice's samples of this thread's classes
-    {
-        load_means();
-        // Step 3: P and Q from the sums, then the samples of the slice labelled with
-        // one of the tile's classes, in the direct form and in sample order. The block reads
-        // the labels 256 at a time; each warp's ballot marks the tile's samples.
+    for_each_marked(
+        i_begin, i_end, labelled,
+        [&](int i) {
+            const int code = row_code[i];
+            const int y = class_of_code(code);
+            return (y >= class0 && y < class0 + kTile) || code_is_bad(code);
+        },
+        [&](int si) {
+            const int scode = row_code[si];
+            const bool every = code_is_bad(scode);
+            const int sy = class_of_code(scode);
+            if (!every && (sy - class0) / 4 != ty) return;  // another thread row's class
 #pragma unroll
-        for (int r = 0; r < kPer; ++r) {
-            const T gs = g_sum[4 * ty + r];
+            for (int r = 0; r < kPer; ++r) {
+                const int k = class0 + 4 * ty + r;
+                if (k == sy) gl_sum[r] += grad_lkd[si];
+                if (k >= num_classes || bad_class[k] || (!every && k != sy)) continue;
+                const T g = grad_half_distance(grad_logits[(long long)si * num_classes + k], k,
+                                               sy, grad_lkd[si], alpha);
 #pragma unroll
-            for (int c = 0; c < kPer; ++c) {
-                const T m = mv[r][c];
-                const T s1 = p_acc[r][c];
-                p_acc[r][c] = fma_of(-m, gs, s1);
-                q_acc[r][c] = fma_of(-m, fma_of(-m, gs, T(2) * s1), q_acc[r][c]);
-            }
-        }
-        // A class whose mean or log-variance is bad: every sample of the slice, directly.
-#pragma unroll
-        for (int r = 0; r < kPer; ++r) {
-            const int k = class0 + 4 * ty + r;
-            if (k >= num_classes || !bad_class[k]) continue;
-#pragma unroll
-            for (int c = 0; c < kPer; ++c) {
-                const int j = col0 + 4 * tx + c;
-                if (j >= dim) continue;
-                const T mu = terms[(long long)k * dim + j].x;
-                T p = 0;
-                T q = 0;
-                for (int i = i_begin; i < i_end; ++i) {
-                    const int code = row_code[i];
-                    const T g = grad_half_distance(grad_logits[(long long)i * num_classes + k],
-                                                   k, code >= -1 ? code : -3 - code,
-                                                   grad_lkd[i], alpha);
-                    const T t = x[(long long)i * dim + j] - mu;
+                for (int c = 0; c < kPer; ++c) {
+                    const int j = col0 + 4 * tx + c;
+                    if (j >= dim) continue;
+                    const T t = x[(long long)si * dim + j] - terms[(long long)k * dim + j].x;
                     const T gt = g * t;
-                    p += gt;
-                    q += gt * t;  // rounded apart, as the reference: terms that overflow give
-                                  // +-Inf each, and NaN when both signs meet
-                }
-                p_acc[r][c] = p;
-                q_acc[r][c] = q;
-            }
-        }
-        // The samples labelled with one of the tile's classes (their label class) and those with
-        // a non-finite feature (every class), in sample order, summed on their own before they
-        // are added (blocked summation, as in the main loop).
-        T p_direct[kPer][kPer] = {};
-        T q_direct[kPer][kPer] = {};
-        for (int base = i_begin; base < i_end; base += kThreads) {
-            const int i = base + tid;
-            const bool in = i < i_end;
-            const int code = in ? row_code[i] : -1;
-            const int y = code >= -1 ? code : -3 - code;
-            const unsigned hit = __ballot_sync(
-                0xffffffffu, in && ((y >= class0 && y < class0 + kTile) || code < -1));
-            if (lane == 0) labelled[tid / 32] = hit;
-            __syncthreads();
-            for (int w = 0; w < kWarps; ++w) {
-                unsigned todo = labelled[w];
-                while (todo) {
-                    const int si = base + 32 * w + __ffs((int)todo) - 1;
-                    todo &= todo - 1;
-                    const int scode = row_code[si];
-                    const bool every = scode < -1;
-                    const int sy = every ? -3 - scode : scode;
-                    if (!every && (sy - class0) / 4 != ty) continue;  // another thread row's
-#pragma unroll
-                    for (int r = 0; r < kPer; ++r) {
-                        const int k = class0 + 4 * ty + r;
-                        if (k == sy) gl_sum[r] += grad_lkd[si];
-                        if (k >= num_classes || bad_class[k] || (!every && k != sy)) continue;
-                        const T g = grad_half_distance(
-                            grad_logits[(long long)si * num_classes + k], k, sy, grad_lkd[si],
-                            alpha);
-#pragma unroll
-                        for (int c = 0; c < kPer; ++c) {
-                            const int j = col0 + 4 * tx + c;
-                            if (j >= dim) continue;
-                            const T t = x[(long long)si * dim + j] - terms[(long long)k * dim + j].x;
-                            const T gt = g * t;
-                            p_direct[r][c] += gt;
-                            q_direct[r][c] = fma_of(gt, t, q_direct[r][c]);
-                        }
-                    }
+                    p_direct[r][c] += gt;
+                    q_direct[r][c] = fma_of(gt, t, q_direct[r][c]);
                 }
             }
-            __syncthreads();  // before the next chunk's ballots overwrite labelled
-        }
+        });
 #pragma unroll
-        for (int r = 0; r < kPer; ++r) {
+    for (int r = 0; r < kPer; ++r) {
 #pragma unroll
-            for (int c = 0; c < kPer; ++c) {
-                p_acc[r][c] += p_direct[r][c];
-                q_acc[r][c] += q_direct[r][c];
-            }
+        for (int c = 0; c < kPer; ++c) {
+            p_acc[r][c] += p_direct[r][c];
+            q_acc[r][c] += q_direct[r][c];
         }
     }
 

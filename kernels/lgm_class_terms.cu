@@ -19,10 +19,10 @@
 //                      terms overflow (sum_j m^2 iv is then not finite): the expanded kernels take
 //                      such classes in the direct form. One warp per class: block 256, grid
 //                      ceil(K / 8).
-// lgm::row_flags<T>    bad (N,) = 1 for a sample with a non-finite feature (taken in the direct
-//                      form by the expanded backward kernels), and code (N,) = the class id, or
-//                      -3 - id for such a sample (one load gives both to the parameter kernel).
-//                      One warp per row: block 256, grid ceil(N / 8).
+// lgm::row_flags<T>    code (N,) = the class id (-1: none), or -3 - id for a sample with a
+//                      non-finite feature, which the expanded backward kernels take in the direct
+//                      form (one load gives both; lgm::class_of_code decodes it). One warp per
+//                      row: block 256, grid ceil(N / 8).
 // lgm::class_ids<L>    label (N,) of dtype L -> int32 class ids, -1 where the value is not a class
 //                      (the backward's labels, which the forward has checked). Block 256, grid
 //                      ceil(N / 256).
@@ -167,8 +167,7 @@ __global__ void class_terms(
 template <typename T>
 __global__ void __launch_bounds__(kThreads) row_flags(
     // data
-    const T* __restrict__ x, const int* __restrict__ ids, int* __restrict__ bad,
-    int* __restrict__ code,
+    const T* __restrict__ x, const int* __restrict__ ids, int* __restrict__ code,
     // shapes
     int n, int dim) {
     const int lane = threadIdx.x % 32;
@@ -177,10 +176,7 @@ __global__ void __launch_bounds__(kThreads) row_flags(
     int finite = 1;
     for (int j = lane; j < dim; j += 32) finite &= isfinite(x[(long long)i * dim + j]) ? 1 : 0;
     finite = __all_sync(0xffffffffu, finite);
-    if (lane == 0) {
-        bad[i] = finite ? 0 : 1;
-        code[i] = finite ? ids[i] : -3 - ids[i];
-    }
+    if (lane == 0) code[i] = finite ? ids[i] : -3 - ids[i];
 }
 
 template <typename L>

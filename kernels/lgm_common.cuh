@@ -2,7 +2,8 @@
 //
 // Every kernel that contracts over N x K x D works on an output tile with 256 threads: the
 // threads form a 16 x 16 grid and each owns 4 x 4 outputs of a 64 x 64 tile (the forward in
-// float32: 8 samples x 4 classes of a 128 x 64 tile, Blocking<float>::kRowsPer). The contracted dimension is walked in
+// float32: 8 samples x 4 classes of a 128 x 64 tile, Blocking<float>::kRowsPer). The contracted
+// dimension is walked in
 // steps of Blocking<T>::kStep through shared memory, two buffers deep: the next step's tile is
 // read from global memory into registers while the current one is used, and stored to the other
 // buffer after, so each step needs one barrier. Each step's sum is formed separately before it is
@@ -28,7 +29,7 @@ struct Blocking<float> {
     static constexpr int kStep = 16;
     static constexpr int kMinBlocks = 2;  // __launch_bounds__: at most 128 registers
     static constexpr int kRowsPer = 8;    // forward: samples per thread (one sum per output)
-    static constexpr int kForwardStep = 8;  // forward: fewer prefetch registers for its tiles
+    static constexpr int kForwardStep = 8;  // forward: with 8 x 4 outputs, 16 spills
 };
 template <>
 struct Blocking<double> {
@@ -163,5 +164,33 @@ __device__ __forceinline__ T warp_max(T v) {
     }
     return v;
 }
+
+// Calls visit(e), on every thread of the block, for each e in [begin, end) with marked(e), in
+// increasing order: the block tests 256 indices at a time and each warp's ballot marks its share
+// in flags (kThreads / 32 words of shared memory). Every thread of the block must call it.
+template <typename Marked, typename Visit>
+__device__ __forceinline__ void for_each_marked(int begin, int end, unsigned* flags,
+                                                Marked marked, Visit visit) {
+    for (int base = begin; base < end; base += kThreads) {
+        const int e = base + (int)threadIdx.x;
+        const unsigned hit = __ballot_sync(0xffffffffu, e < end && marked(e));
+        if (threadIdx.x % 32 == 0) flags[threadIdx.x / 32] = hit;
+        __syncthreads();
+        for (int w = 0; w < kThreads / 32; ++w) {
+            unsigned todo = flags[w];
+            while (todo) {
+                const int found = base + 32 * w + __ffs((int)todo) - 1;
+                todo &= todo - 1;
+                visit(found);
+            }
+        }
+        __syncthreads();  // before the next chunk's ballots overwrite flags
+    }
+}
+
+// A sample's row code (lgm::row_flags): its class id (-1: none), or -3 - id when one of its
+// features is not finite.
+__device__ __forceinline__ bool code_is_bad(int code) { return code < -1; }
+__device__ __forceinline__ int class_of_code(int code) { return code < -1 ? -3 - code : code; }
 
 }  // namespace lgm

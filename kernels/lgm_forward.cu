@@ -22,12 +22,12 @@
 
 namespace lgm {
 
-// Entries whose B_k exceeds kValue * d are recomputed directly: the scaled form's error is then
-// at most a few (1 + sqrt(kValue)) ulps of d. float32: within a small multiple of the direct
-// form's own few ulps; float64: about 1e-12 relative, against SPEC's 1e-9.
 // Up to this many features, a thread recomputes its own direct entries; beyond, the warp does.
 constexpr int kSerialDim = 32;
 
+// Entries whose B_k exceeds kValue * d are recomputed directly: the scaled form's error is then
+// at most a few (1 + sqrt(kValue)) ulps of d. float32: within a small multiple of the direct
+// form's own few ulps; float64: about 1e-12 relative, against SPEC's 1e-9.
 template <typename T>
 struct Ratio;
 template <>
@@ -39,7 +39,23 @@ struct Ratio<double> {
     static constexpr double kValue = 1e8;
 };
 
-// One 64 x 64 tile of logits, and lkd for the samples whose label falls in the tile's classes.
+// The direct form's sum_j (x_j - mu_j)^2 iv_j over j = first, first + stride, ... < dim, for one
+// sample row x and one class row of (mu, iv) pairs.
+template <typename T>
+__device__ __forceinline__ T direct_distance(const T* __restrict__ x,
+                                             const typename Pair<T>::type* __restrict__ pairs,
+                                             int dim, int first, int stride) {
+    T dist = 0;
+    for (int j = first; j < dim; j += stride) {
+        const typename Pair<T>::type m = pairs[j];
+        const T t = x[j] - m.x;
+        dist = fma_of(t * t, m.y, dist);
+    }
+    return dist;
+}
+
+// One tile of logits (128 samples x 64 classes in float32, 64 x 64 in float64), and lkd for the
+// samples whose label falls in the tile's classes.
 // Nothing N x K x D is stored: the tile loop reads each x and scaled term once per tile.
 template <typename T, typename L, bool kWithLabel>
 __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) forward(
@@ -188,19 +204,15 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) forward(
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
             const int k = class0 + 4 * tx + c;
-            const bool direct = i < n && k < num_classes &&
-                                (k == row_class[R * ty + r] || b[c] > Ratio<T>::kValue * acc[r][c]);
+            const bool cancelled = b[c] > Ratio<T>::kValue * acc[r][c];
+            const bool direct =
+                i < n && k < num_classes && (k == row_class[R * ty + r] || cancelled);
             if (dim <= kSerialDim) {
                 // Few features: each thread recomputes its own entry (with many entries near
                 // their class, as low-dimensional features often are, that keeps every lane busy).
                 if (direct) {
-                    T dist = 0;
-                    for (int j = 0; j < dim; ++j) {
-                        const P m = pairs[(long long)k * dim + j];
-                        const T t = x[(long long)i * dim + j] - m.x;
-                        dist = fma_of(t * t, m.y, dist);
-                    }
-                    acc[r][c] = dist;
+                    acc[r][c] = direct_distance(x + (long long)i * dim,
+                                                pairs + (long long)k * dim, dim, 0, 1);
                 }
                 continue;
             }
@@ -211,13 +223,8 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) forward(
                 todo &= todo - 1;
                 const long long di = __shfl_sync(0xffffffffu, i, src);
                 const long long dk = __shfl_sync(0xffffffffu, k, src);
-                T dist = 0;
-                for (int j = lane; j < dim; j += 32) {
-                    const P m = pairs[dk * dim + j];
-                    const T t = x[di * dim + j] - m.x;
-                    dist = fma_of(t * t, m.y, dist);
-                }
-                dist = warp_sum(dist);
+                const T dist =
+                    warp_sum(direct_distance(x + di * dim, pairs + dk * dim, dim, lane, 32));
                 if (lane == src) acc[r][c] = dist;
             }
         }
@@ -269,13 +276,7 @@ __global__ void lkd_rows(
     if (i >= n) return;  // the whole warp leaves together, so the shuffles below stay full
     const int k = label[i];
     const P* terms = reinterpret_cast<const P*>(mean_iv) + (long long)k * dim;
-    T dist = 0;
-    for (int j = lane; j < dim; j += 32) {
-        const P m = terms[j];
-        const T t = x[(long long)i * dim + j] - m.x;
-        dist = fma_of(t * t, m.y, dist);
-    }
-    dist = warp_sum(dist);
+    const T dist = warp_sum(direct_distance(x + (long long)i * dim, terms, dim, lane, 32));
     if (lane == 0) lkd[i] = T(0.5) * dist + (logdet_lkd ? T(0.5) : T(0)) * log_det[k];
 }
 

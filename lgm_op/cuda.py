@@ -30,7 +30,7 @@ output tiles, the float32 forward 128 samples x 64 classes):
   ``lgm::class_terms<T>`` forms once the interleaved (mean, iv) (K, D, 2), the log-determinants
   (K,), the operands of the scaled or expanded forms (K, D, 2) and the bad classes (K,); the
   backward converts the labels to int32 class ids once (``lgm::class_ids<L>``) and marks the
-  samples with a non-finite feature (``lgm::row_flags<T>``).
+  samples with a non-finite feature in them (``lgm::row_flags<T>``).
 - forward: ``lgm::forward<T, L, true>`` over (K, N) tiles, checking labels, in the scaled form
   with the label column and any entry that may have cancelled recomputed directly. Label-free:
   ``lgm::forward<T, int, false>``, an argmax by the array library, then ``lgm::lkd_rows<T>``.
@@ -41,7 +41,8 @@ output tiles, the float32 forward 128 samples x 64 classes):
   (from each kernel's real occupancy), into partial buffers that ``lgm::sum_partials<T>`` adds in
   a fixed order; the isotropic log-variance gradient always goes through one such sum (over the
   feature tiles). No atomics, so results are bitwise reproducible. No N x K buffer is made
-  (grad_logits is read in place when it is C-contiguous in x's dtype).
+  (grad_logits is read in place when it is C-contiguous in x's dtype), except the float64 copy
+  of grad_logits of a float32 call below ``WIDE_BACKWARD_DIM`` features.
 
 The accuracy of each form, and which entries take the direct one, is written in the kernels.
 
@@ -364,15 +365,14 @@ class _Call:
                        + (self.flag(self.opts.isotropic), self.flag(scaled)))
         return mean_iv, terms, log_det, sq, shift, bad
 
-    def row_flags(self, ids):
-        """(bad, code): (N,) int32, 1 where a sample has a non-finite feature; (N,) int32, its
-        class id, or -3 - id for such a sample."""
-        bad = self.be.xp.empty(self.n, dtype=np.int32)
+    def row_codes(self, ids):
+        """(N,) int32: each sample's class id (``ids``), or -3 - id for one with a non-finite
+        feature."""
         code = self.be.xp.empty(self.n, dtype=np.int32)
         self.be.launch("lgm_class_terms.cu", _name("row_flags", self.t),
                        (_ceil_div(self.n, _ROWS_PER_WARP_BLOCK),),
-                       (self.x, ids, bad, code, np.int32(self.n), np.int32(self.dim)))
-        return bad, code
+                       (self.x, ids, code, np.int32(self.n), np.int32(self.dim)))
+        return code
 
     def class_ids(self):
         """The labels as int32 class ids (N,), -1 where a value is not a class."""
@@ -482,8 +482,7 @@ def lgm_backward_cuda(x, label, mu, log_var, grad_logits, grad_lkd, opts, traini
                     given[...] = result  # rounded once to float32
             return dx, dmu, ds
         mean_iv, terms, _, _, shift, bad_class = call.class_terms(scaled=False)
-        ids = call.class_ids()
-        bad_row, row_code = call.row_flags(ids)
+        row_code = call.row_codes(call.class_ids())
         alpha = call.real(opts.margin(training))
         dx_name = _name("backward_dx", call.t)
         params_name = _name("backward_params", call.t)
@@ -496,7 +495,7 @@ def lgm_backward_cuda(x, label, mu, log_var, grad_logits, grad_lkd, opts, traini
             grid, per_slice = grids["backward_dx"]
             dx_out = dx if grid[2] == 1 else xp.empty((grid[2], n, dim), dtype=call.dtype)
             be.launch("lgm_backward.cu", dx_name, grid,
-                      (call.x, shift, terms, mean_iv, ids, bad_row, bad_class, gz, gl, dx_out)
+                      (call.x, shift, terms, mean_iv, row_code, bad_class, gz, gl, dx_out)
                       + call.shapes()
                       + (np.int32(per_slice), alpha))
             if dx_out is not dx:
