@@ -96,18 +96,42 @@ _FREE = _FreeBuffers()
 class _Pool:
     """Work buffers kept between calls, by name: fresh pages for every N x K or K x D array
     would cost more than the pass that fills them. A pool that is released (or collected) hands
-    its buffers back for other pools."""
+    its buffers back for other pools; :func:`_take_pool` and :func:`_give_pool` keep whole pools
+    for the next call (so a call finds its buffers, their addresses and its operands as the last
+    call of that shape left them)."""
+
+    # the free list, held by the class: pools collected at interpreter exit still find it
+    free = _FREE
 
     def __init__(self):
         self.buffers = {}
+        self.addresses = {}
+        # the compiled path's operands built in this pool's buffers, and the key they were built
+        # for (one at a time: they are the only user of their buffers' names)
+        self.operands = None
+        self.operands_key = None
 
     def get(self, name, shape, dtype):
         buf = self.buffers.get(name)
         if buf is None or buf.shape != shape or buf.dtype != dtype:
             if buf is not None:
-                _FREE.give(buf)
-            buf = self.buffers[name] = _FREE.take(shape, dtype)
+                self.free.give(buf)
+            buf = self.buffers[name] = self.free.take(shape, dtype)
+            self.addresses[name] = buf.ctypes.data
         return buf
+
+    def pointer(self, name, shape, dtype):
+        """(buffer, its address) as ``get`` gives the buffer."""
+        buf = self.get(name, shape, dtype)
+        return buf, self.addresses[name]
+
+    def vector(self, name, count, dtype):
+        """A 1-D buffer of ``count`` elements (a view of one kept with room to spare, so a count
+        that changes from call to call does not replace it each time), and its address."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[0] < count or buf.dtype != dtype:
+            self.get(name, (max(16, 1 << max(0, count - 1).bit_length()),), dtype)
+        return self.buffers[name][:count], self.addresses[name]
 
     def copy(self, name, array):
         buf = self.get(name, array.shape, array.dtype)
@@ -116,11 +140,34 @@ class _Pool:
 
     def release(self):
         for buf in self.buffers.values():
-            _FREE.give(buf)
+            self.free.give(buf)
         self.buffers = {}
+        self.addresses = {}
+        self.operands = self.operands_key = None
 
     def __del__(self):
         self.release()
+
+
+# Whole pools kept for the next call (at most this many; beyond, their buffers go to _FREE).
+_POOLS_KEPT = 4
+_pools = []
+_pools_lock = threading.RLock()  # reentrant for the same reason as _FreeBuffers.lock
+
+
+def _take_pool():
+    with _pools_lock:
+        if _pools:
+            return _pools.pop()
+    return _Pool()
+
+
+def _give_pool(pool):
+    with _pools_lock:
+        if len(_pools) < _POOLS_KEPT:
+            _pools.append(pool)
+            return
+    pool.release()
 
 
 def clamp_log_var(log_var, opts, dtype=np.float64, out=None):
@@ -267,7 +314,12 @@ class CPUState:
         self.key = None
         self.inputs = None
         self.saved = None
-        self.pool = _Pool()
+        self.pool = _take_pool()
+
+    def __del__(self):
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            _give_pool(pool)
 
 
 _memcmp = ctypes.CDLL(None).memcmp
@@ -343,12 +395,12 @@ def _entry_point(function):
     the outputs only where the math puts them (SPEC section 4), and the warnings are noise."""
     @functools.wraps(function)
     def entry(*args, **kwargs):
-        tmp = _Pool()
+        tmp = _take_pool()
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 return function(*args, tmp=tmp, **kwargs)
         finally:
-            tmp.release()
+            _give_pool(tmp)
     return entry
 
 
@@ -605,10 +657,9 @@ class _CompiledOperands:
     first use. sd is D, or 1 when isotropic.
     """
 
-    def __init__(self, lib, x, mu, log_var, opts, pool):
-        dtype = x.dtype
-        (n, d), k, sd = x.shape, mu.shape[0], log_var.shape[1]
+    def __init__(self, lib, dtype, n, k, d, sd, bounds, pool):
         get = pool.get
+        self.lib, self.dtype, self.shape, self.bounds = lib, dtype, (n, k, d, sd), bounds
         self.shift, self.xcx = get("shift", (d,), dtype), get("xcx", (n, d + sd), dtype)
         self.norm, self.bad_row = get("norm", (n,), dtype), get("bad_row", (n,), np.uint8)
         self.ivm, self.sq = get("ivm", (k, sd + d), dtype), get("sq", (k,), dtype)
@@ -616,17 +667,31 @@ class _CompiledOperands:
         self.bad_class = get("bad_class", (k,), np.uint8)
         self.iv_cache = get("iv_cache", (k, sd), np.float64)
         self.iv_ready = get("iv_ready", (k,), np.uint8)
-        self.bounds = (opts.logvar_min, opts.logvar_max)
-        # the buffers' addresses, once (a forward's operands serve its backward too)
+        # the buffers' addresses, once (a forward's operands serve its backward too, and a pool
+        # kept for the next call keeps its operands)
         for name in self._BUFFERS:
-            setattr(self, "a_" + name, getattr(self, name).ctypes.data)
-        self._iv_tail = self.bounds + (self.a_iv_cache, self.a_iv_ready)
-        lib.call("prepare", dtype, _address(x), _address(mu), _address(log_var), n, k, d, sd,
-                 *self.bounds, self.a_shift, self.a_xcx, self.a_norm, self.a_bad_row,
-                 self.a_ivm, self.a_sq, self.a_half_log_det, self.a_bad_class, self.a_iv_ready)
+            setattr(self, "a_" + name, pool.addresses[name])
+        self._iv_tail = bounds + (self.a_iv_cache, self.a_iv_ready)
+        self._prepare_tail = (n, k, d, sd) + bounds + tuple(
+            getattr(self, "a_" + name) for name in self._BUFFERS[:-2]) + (self.a_iv_ready,)
 
     _BUFFERS = ("shift", "xcx", "norm", "bad_row", "ivm", "sq", "half_log_det", "bad_class",
                 "iv_cache", "iv_ready")
+
+    @classmethod
+    def build(cls, lib, x, mu, log_var, opts, pool):
+        """The operands of (x, mu, log_var) in ``pool``'s buffers (the object the pool holds
+        when it was built for these shapes and bounds: only the passes run again)."""
+        (n, d), k, sd = x.shape, mu.shape[0], log_var.shape[1]
+        bounds = (opts.logvar_min, opts.logvar_max)
+        key = (lib, x.dtype, n, k, d, sd, bounds)
+        ops = pool.operands
+        if pool.operands_key != key:
+            ops = pool.operands = cls(lib, x.dtype, n, k, d, sd, bounds, pool)
+            pool.operands_key = key
+        lib.call("prepare", x.dtype, x.ctypes.data, mu.ctypes.data, log_var.ctypes.data,
+                 *ops._prepare_tail)
+        return ops
 
     def inverse_variances(self, log_var):
         return (_address(log_var),) + self._iv_tail
@@ -636,7 +701,7 @@ class _CompiledOperands:
 def _builder(lib):
     """One builder per module, so a state's key tells which operands it holds."""
     def build(x, mu, log_var, opts, pool):
-        return (_CompiledOperands(lib, x, mu, log_var, opts, pool),)
+        return (_CompiledOperands.build(lib, x, mu, log_var, opts, pool),)
     return build
 
 
@@ -653,15 +718,15 @@ def _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tm
     # 1. A = (xc^2) iv^T into the logits, S = xc (mc iv)^T (isotropic: A = |xc|^2 iv, in the pass)
     if not opts.isotropic:
         matmul(ops.xcx[:, d:], ops.ivm[:, :sd].T, logits)
-    s_mciv = tmp.get("nk", (n, k), dtype)
+    s_mciv, a_s_mciv = tmp.pointer("nk", (n, k), dtype)
     matmul(ops.xcx[:, :d], ops.ivm[:, sd:].T, s_mciv)
     # 2. the logits from the expansion, the entries it cannot give directly, lkd
     alpha = opts.margin(training) if y is not None else 0.0
-    lib.call("forward_epilogue", dtype, _address(x), _address(y), _address(mu),
-             *ops.inverse_variances(log_var), n, k, d, sd, _address(s_mciv), ops.a_norm,
+    lib.call("forward_epilogue", dtype, x.ctypes.data, _address(y), mu.ctypes.data,
+             *ops.inverse_variances(log_var), n, k, d, sd, a_s_mciv, ops.a_norm,
              ops.a_ivm, ops.a_sq, ops.a_half_log_det,
              ops.a_bad_row, ops.a_bad_class, alpha, 1.0 / _TAU[dtype],
-             int(opts.logdet_logits), int(opts.logdet_lkd), _address(logits), _address(lkd))
+             int(opts.logdet_logits), int(opts.logdet_lkd), logits.ctypes.data, lkd.ctypes.data)
     return logits, lkd
 
 
@@ -680,40 +745,36 @@ def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, 
     ds = _buffer(out[2], log_var.shape, dtype) if need_ds else None
     _check_arrays(opts, x, y, mu, log_var, grad_logits=gz, grad_lkd=gl, dx=dx, dmu=dmu, ds=ds)
     work = np.dtype(np.float64) if d < _WIDE_BACKWARD_DIM else dtype
+    a_x, a_y, a_mu = x.ctypes.data, y.ctypes.data, mu.ctypes.data
+    ivs = ops.inverse_variances(log_var)
 
     # 1. G = dL/dd with the direct entries (label column, bad rows and classes) taken out
-    row_start = tmp.get("row_start", (n + 1,), np.int64)
-    lib.row_starts(_address(y), ops.a_bad_row, ops.a_bad_class, n, k,
-                   _address(row_start))
+    row_start, a_row_start = tmp.pointer("row_start", (n + 1,), np.int64)
+    lib.row_starts(a_y, ops.a_bad_row, ops.a_bad_class, n, k, a_row_start)
     entries = int(row_start[n])
-    entry_class = tmp.get("entry_class", (entries,), np.int64)
-    entry_weight = tmp.get("entry_weight", (entries,), np.float64)
-    g = tmp.get("nk", (n, k), work)
-    g_col = tmp.get("g_col", (k,), np.float64)
-    gz_col = tmp.get("gz_col", (k,), np.float64)
-    lib.call("backward_weights", (dtype, work), _address(gz), _address(gl), _address(y), n, k, d,
+    _, a_entry_class = tmp.vector("entry_class", entries, np.int64)
+    _, a_entry_weight = tmp.vector("entry_weight", entries, np.float64)
+    g, a_g = tmp.pointer("nk", (n, k), work)
+    _, a_g_col = tmp.pointer("g_col", (k,), np.float64)
+    _, a_gz_col = tmp.pointer("gz_col", (k,), np.float64)
+    lib.call("backward_weights", (dtype, work), gz.ctypes.data, gl.ctypes.data, a_y, n, k, d,
              sd, ops.a_bad_row, ops.a_bad_class, opts.margin(training),
-             _address(row_start), _address(g), _address(entry_class), _address(entry_weight),
-             _address(g_col), _address(gz_col))
+             a_row_start, a_g, a_entry_class, a_entry_weight, a_g_col, a_gz_col)
 
     # 2. dx = xc * (G iv) - G (mc iv) + the direct entries, from one product G [iv | mc iv]
     if need_dx:
-        pq = tmp.get("pq", (n, sd + d), work)
+        pq, a_pq = tmp.pointer("pq", (n, sd + d), work)
         matmul(g, ops.ivm.astype(work, copy=False), pq)
-        lib.call("backward_features", (dtype, work), _address(x), _address(mu),
-                 *ops.inverse_variances(log_var), n, k, d, sd, ops.a_xcx, _address(pq),
-                 _address(row_start), _address(entry_class), _address(entry_weight),
-                 _address(dx))
+        lib.call("backward_features", (dtype, work), a_x, a_mu, *ivs, n, k, d, sd, ops.a_xcx,
+                 a_pq, a_row_start, a_entry_class, a_entry_weight, dx.ctypes.data)
 
     # 3. dmu and dlog_var from one product G^T [xc | xc^2] (its second half only for dlog_var)
     if need_dmu or need_ds:
         width = d + sd if need_ds else d
-        gx = tmp.get("gx", (k, width), work)
+        gx, a_gx = tmp.pointer("gx", (k, width), work)
         matmul(g.T, ops.xcx[:, :width].astype(work, copy=False), gx)
-        lib.call("backward_classes", (dtype, work), _address(x), _address(y), _address(mu),
-                 *ops.inverse_variances(log_var), _address(gl), n, k, d, sd,
-                 ops.a_shift, ops.a_ivm, _address(gx), width, _address(g_col),
-                 _address(gz_col), _address(row_start), _address(entry_class),
-                 _address(entry_weight), int(opts.logdet_logits), int(opts.logdet_lkd),
-                 int(need_dmu), int(need_ds), _address(dmu), _address(ds))
+        lib.call("backward_classes", (dtype, work), a_x, a_y, a_mu, *ivs, gl.ctypes.data,
+                 n, k, d, sd, ops.a_shift, ops.a_ivm, a_gx, width, a_g_col, a_gz_col,
+                 a_row_start, a_entry_class, a_entry_weight, int(opts.logdet_logits),
+                 int(opts.logdet_lkd), int(need_dmu), int(need_ds), _address(dmu), _address(ds))
     return dx, dmu, ds

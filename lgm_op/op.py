@@ -48,7 +48,7 @@ def _backend(ctx):
 class LGMOp(mx.operator.CustomOp):
     """One bound instance of the operator; created by :class:`LGMOpProp` for a context."""
 
-    def __init__(self, opts, schedule, backend):
+    def __init__(self, opts, schedule, backend, shapes=None, dtypes=None):
         super().__init__()
         self.opts = opts
         self.schedule = schedule
@@ -59,6 +59,9 @@ class LGMOp(mx.operator.CustomOp):
         self._thread = threading.current_thread()
         # the CPU path's operands, kept from a forward for the backward of the same step
         self._state = CPUState()
+        # the arrays' layouts as MXNet inferred them for this instance: (shape, dtype) of each
+        # input and output, so the callbacks need not ask MXNet for them (None: ask)
+        self._inputs, self._outputs = _layouts(opts, shapes, dtypes)
 
     def _functions(self):
         """The framework-free forward and backward of this backend, with the keywords only the
@@ -88,14 +91,14 @@ class LGMOp(mx.operator.CustomOp):
             opts, next_iteration = self._margin(is_train, aux)
             self._last_opts = opts
             forward, _, extra = self._functions()
-            x, label, mu, s = self._split(in_data)
-            arrays = _Arrays(self.backend, x.context)
-            targets = [arrays.target(dst, r) for dst, r in zip(out_data, req)]
+            arrays = _Arrays(self.backend, in_data[0], self._inputs)
+            targets = [arrays.target(dst, r, layout) for dst, r, layout in
+                       zip(out_data, req, self._outputs or [None] * len(out_data))]
             # the label check is read at the one synchronisation that ends the callback
             if self.backend != "cpu":
                 extra = {"defer_check": True}
-            result = forward(arrays.read(x), None if label is None else arrays.read(label),
-                             arrays.read(mu), arrays.read(s), opts, bool(is_train),
+            x, label, mu, s = self._split(arrays.read_all(in_data, self._inputs))
+            result = forward(x, label, mu, s, opts, bool(is_train),
                              out=tuple(t.buffer for t in targets), **extra)
             arrays.finish(targets)
             if self.backend != "cpu":
@@ -108,22 +111,24 @@ class LGMOp(mx.operator.CustomOp):
         with errors.recording("backward", self._thread):
             opts = self._last_opts
             _, backward, extra = self._functions()
-            x, label, mu, s = self._split(in_data)
-            arrays = _Arrays(self.backend, x.context)
+            arrays = _Arrays(self.backend, in_data[0], self._inputs)
+            layouts = self._inputs or [None] * len(in_data)
             if opts.with_label:  # no gradient flows to the label
-                label_target = arrays.target(in_grad[1], req[1])
+                label_target = arrays.target(in_grad[1], req[1], layouts[1])
                 if label_target.buffer is not None and req[1] != "add":
                     label_target.buffer[...] = 0
-                grads, grad_req = [in_grad[0], in_grad[2], in_grad[3]], [req[0], req[2], req[3]]
-                y = arrays.read(label)
+                pick = (0, 2, 3)
             else:  # label-free form: the class the forward predicted
-                grads, grad_req = in_grad, req
-                y = arrays.xp.argmax(arrays.read(out_data[0]), axis=1)
-            targets = [arrays.target(dst, r) for dst, r in zip(grads, grad_req)]
+                pick = (0, 1, 2)
+            grad_req = [req[i] for i in pick]
+            targets = [arrays.target(in_grad[i], req[i], layouts[i]) for i in pick]
             need = tuple(r != "null" for r in grad_req)
             if any(need):
-                backward(arrays.read(x), y, arrays.read(mu), arrays.read(s),
-                         arrays.read(out_grad[0]), arrays.read(out_grad[1]), opts, True,
+                x, label, mu, s = self._split(arrays.read_all(in_data, self._inputs))
+                gz, gl = arrays.read_all(out_grad, self._outputs)
+                y = label if opts.with_label else arrays.xp.argmax(
+                    arrays.read(out_data[0], self._outputs and self._outputs[0]), axis=1)
+                backward(x, y, mu, s, gz, gl, opts, True,
                          need=need, out=tuple(t.buffer for t in targets), **extra)
             arrays.finish(targets)
 
@@ -148,32 +153,41 @@ class _Arrays:
 
     cpu / sim: NumPy arrays over the host memory of the NDArrays the callback gets (inputs
     read-only). gpu: CuPy arrays over MXNet's device buffers through DLPack, on the NDArray's
-    device, synchronised once by ``finish``.
+    device, synchronised once by ``finish``. ``first``: the callback's first input (data), whose
+    shape is checked against ``inputs``, the layouts the operator was created with (None: every
+    view asks MXNet for its array's shape and dtype).
     """
 
-    def __init__(self, backend, ctx):
+    def __init__(self, backend, first, inputs):
         self.backend = backend
         if backend == "gpu":
             import cupy
             self.xp = cupy
-            self._device = cupy.cuda.Device(ctx.device_id)
+            self._device = cupy.cuda.Device(first.context.device_id)
             self._device.use()  # the callback thread starts on device 0
         else:
             self.xp = np
+        if inputs is not None and first.shape != inputs[0][0]:  # pragma: no cover (MXNet's own)
+            raise ValueError(f"lgm: data has shape {first.shape}, the operator was created for "
+                             f"{inputs[0][0]}")
 
-    def read(self, nd):
+    def read(self, nd, layout=None):
         if self.backend == "gpu":
             return self.xp.from_dlpack(nd.to_dlpack_for_read())
-        view = _host_view(nd)
+        view = _host_view(nd, layout)
         view.flags.writeable = False
         return view
 
-    def target(self, nd, req):
+    def read_all(self, nds, layouts):
+        layouts = layouts or [None] * len(nds)
+        return [self.read(nd, layout) for nd, layout in zip(nds, layouts)]
+
+    def target(self, nd, req, layout=None):
         if req == "null":
             return _Target(None, req, self.xp)
         if self.backend == "gpu":
             return _Target(self.xp.from_dlpack(nd.to_dlpack_for_write()), req, self.xp)
-        return _Target(_host_view(nd), req, self.xp)
+        return _Target(_host_view(nd, layout), req, self.xp)
 
     def finish(self, targets):
         for t in targets:
@@ -184,23 +198,45 @@ class _Arrays:
             self.xp.cuda.get_current_stream().synchronize()
 
 
-def _host_view(nd):
-    """A NumPy array over the host memory of a dense CPU NDArray (no copy).
+def _layouts(opts, shapes, dtypes):
+    """((shape, dtype) of each input, of each output) from the shapes and dtypes MXNet created
+    the operator with, or (None, None) when they are not given or not all known (each view then
+    asks MXNet)."""
+    if shapes is None or dtypes is None or len(shapes) != len(dtypes):
+        return None, None
+    inputs = []
+    for shape, dtype in zip(shapes, dtypes):
+        # MXNet passes its type codes (ints; -1: unknown); NumPy dtypes are taken as they are
+        if isinstance(dtype, (int, np.integer)):
+            dtype = _MX_TO_NP.get(int(dtype))
+        if dtype is None or not shape or min(shape) <= 0:
+            return None, None
+        inputs.append((tuple(int(e) for e in shape), np.dtype(dtype)))
+    n, dtype = inputs[0][0][0], inputs[0][1]
+    return inputs, [((n, opts.num_classes), dtype), ((n,), dtype)]
+
+
+_GET_DATA = mx.base._LIB.MXNDArrayGetData
+_MX_TO_NP = mx.ndarray.ndarray._DTYPE_MX_TO_NP
+
+
+def _host_view(nd, layout=None):
+    """A NumPy array over the host memory of a dense CPU NDArray (no copy); ``layout``: its
+    (shape, dtype) when known, which saves asking MXNet.
 
     Inside a custom-op callback the inputs are computed and the outputs are MXNet's own buffers,
     so their memory can be read and written directly (MXNet waits for the callback to return).
     """
-    dtype = np.dtype(nd.dtype)
-    shape = nd.shape
+    shape, dtype = layout if layout is not None else (nd.shape, np.dtype(nd.dtype))
     count = 1
     for extent in shape:
         count *= extent
     if count == 0:
         return np.empty(shape, dtype)
     ptr = ctypes.c_void_p()
-    mx.base.check_call(mx.base._LIB.MXNDArrayGetData(nd.handle, ctypes.byref(ptr)))
-    memory = (ctypes.c_byte * (count * dtype.itemsize)).from_address(ptr.value)
-    return np.frombuffer(memory, dtype).reshape(shape)
+    mx.base.check_call(_GET_DATA(nd.handle, ctypes.byref(ptr)))
+    return np.ndarray(shape, dtype, (ctypes.c_byte * (count * dtype.itemsize)).from_address(
+        ptr.value))
 
 
 @mx.operator.register("lgm")
@@ -317,7 +353,7 @@ class LGMOpProp(mx.operator.CustomOpProp):
     def create_operator(self, ctx, shapes, dtypes):
         with errors.recording("create_operator"):
             self._check()
-            return LGMOp(self.opts, self.schedule, _backend(ctx))
+            return LGMOp(self.opts, self.schedule, _backend(ctx), shapes, dtypes)
 
 
 def _batch_size(shapes):
