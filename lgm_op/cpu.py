@@ -659,7 +659,6 @@ class _CompiledOperands:
 
     def __init__(self, lib, dtype, n, k, d, sd, bounds, pool):
         get = pool.get
-        self.lib, self.dtype, self.shape, self.bounds = lib, dtype, (n, k, d, sd), bounds
         self.shift, self.xcx = get("shift", (d,), dtype), get("xcx", (n, d + sd), dtype)
         self.norm, self.bad_row = get("norm", (n,), dtype), get("bad_row", (n,), np.uint8)
         self.ivm, self.sq = get("ivm", (k, sd + d), dtype), get("sq", (k,), dtype)

@@ -60,7 +60,7 @@ class LGMOp(mx.operator.CustomOp):
         # the CPU path's operands, kept from a forward for the backward of the same step
         self._state = CPUState()
         # the arrays' layouts as MXNet inferred them for this instance: (shape, dtype) of each
-        # input and output, so the callbacks need not ask MXNet for them (None: ask)
+        # input and output, so the callbacks need not ask MXNet for them (entries None: ask)
         self._inputs, self._outputs = _layouts(opts, shapes, dtypes)
 
     def _functions(self):
@@ -92,8 +92,8 @@ class LGMOp(mx.operator.CustomOp):
             self._last_opts = opts
             forward, _, extra = self._functions()
             arrays = _Arrays(self.backend, in_data[0], self._inputs)
-            targets = [arrays.target(dst, r, layout) for dst, r, layout in
-                       zip(out_data, req, self._outputs or [None] * len(out_data))]
+            targets = [arrays.target(dst, r, layout)
+                       for dst, r, layout in zip(out_data, req, self._outputs)]
             # the label check is read at the one synchronisation that ends the callback
             if self.backend != "cpu":
                 extra = {"defer_check": True}
@@ -112,7 +112,7 @@ class LGMOp(mx.operator.CustomOp):
             opts = self._last_opts
             _, backward, extra = self._functions()
             arrays = _Arrays(self.backend, in_data[0], self._inputs)
-            layouts = self._inputs or [None] * len(in_data)
+            layouts = self._inputs
             if opts.with_label:  # no gradient flows to the label
                 label_target = arrays.target(in_grad[1], req[1], layouts[1])
                 if label_target.buffer is not None and req[1] != "add":
@@ -127,7 +127,7 @@ class LGMOp(mx.operator.CustomOp):
                 x, label, mu, s = self._split(arrays.read_all(in_data, self._inputs))
                 gz, gl = arrays.read_all(out_grad, self._outputs)
                 y = label if opts.with_label else arrays.xp.argmax(
-                    arrays.read(out_data[0], self._outputs and self._outputs[0]), axis=1)
+                    arrays.read(out_data[0], self._outputs[0]), axis=1)
                 backward(x, y, mu, s, gz, gl, opts, True,
                          need=need, out=tuple(t.buffer for t in targets), **extra)
             arrays.finish(targets)
@@ -154,8 +154,8 @@ class _Arrays:
     cpu / sim: NumPy arrays over the host memory of the NDArrays the callback gets (inputs
     read-only). gpu: CuPy arrays over MXNet's device buffers through DLPack, on the NDArray's
     device, synchronised once by ``finish``. ``first``: the callback's first input (data), whose
-    shape is checked against ``inputs``, the layouts the operator was created with (None: every
-    view asks MXNet for its array's shape and dtype).
+    shape is checked against ``inputs``, the layouts the operator was created with (a layout
+    that is None: that view asks MXNet for its array's shape and dtype).
     """
 
     def __init__(self, backend, first, inputs):
@@ -167,7 +167,7 @@ class _Arrays:
             self._device.use()  # the callback thread starts on device 0
         else:
             self.xp = np
-        if inputs is not None and first.shape != inputs[0][0]:  # pragma: no cover (MXNet's own)
+        if inputs[0] is not None and first.shape != inputs[0][0]:  # pragma: no cover (MXNet's own)
             raise ValueError(f"lgm: data has shape {first.shape}, the operator was created for "
                              f"{inputs[0][0]}")
 
@@ -179,7 +179,6 @@ class _Arrays:
         return view
 
     def read_all(self, nds, layouts):
-        layouts = layouts or [None] * len(nds)
         return [self.read(nd, layout) for nd, layout in zip(nds, layouts)]
 
     def target(self, nd, req, layout=None):
@@ -199,18 +198,19 @@ class _Arrays:
 
 
 def _layouts(opts, shapes, dtypes):
-    """((shape, dtype) of each input, of each output) from the shapes and dtypes MXNet created
-    the operator with, or (None, None) when they are not given or not all known (each view then
-    asks MXNet)."""
+    """([(shape, dtype) of each input], [that of each output]) from the shapes and dtypes MXNet
+    created the operator with; every entry None when they are not given or not all known (each
+    view then asks MXNet)."""
+    unknown = [None] * (4 if opts.with_label else 3), [None, None]
     if shapes is None or dtypes is None or len(shapes) != len(dtypes):
-        return None, None
+        return unknown
     inputs = []
     for shape, dtype in zip(shapes, dtypes):
         # MXNet passes its type codes (ints; -1: unknown); NumPy dtypes are taken as they are
         if isinstance(dtype, (int, np.integer)):
             dtype = _MX_TO_NP.get(int(dtype))
         if dtype is None or not shape or min(shape) <= 0:
-            return None, None
+            return unknown
         inputs.append((tuple(int(e) for e in shape), np.dtype(dtype)))
     n, dtype = inputs[0][0][0], inputs[0][1]
     return inputs, [((n, opts.num_classes), dtype), ((n,), dtype)]

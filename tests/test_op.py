@@ -268,3 +268,39 @@ def test_margin_schedule_advances_in_training_only(backend, rng):
     assert block.margin_iter.data().asscalar() == 5
     sched = block.schedule
     assert [sched.value(0.1, t) for t in range(7)] == [0.1, 0.1, 0.2, 0.2, 0.35, 0.35, 0.35]
+
+
+@pytest.mark.parametrize("label", [True, False])
+def test_callbacks_with_and_without_known_layouts(label, rng, seed):
+    """The callbacks view MXNet's buffers through the shapes and dtypes the operator was created
+    with (MXNet's type codes), or ask MXNet when those are unknown (a -1 type code): the same
+    outputs and gradients, bitwise, on an odd shape."""
+    from lgm_op.op import LGMOpProp
+    n, k, d = 7, 5, 3
+    inp = make_inputs(rng, n, k, d, np.float64)
+    opts = LGMOptions(num_classes=k, alpha=0.3, with_label=label)
+    prop = LGMOpProp(**{key: str(v) for key, v in opts.to_attrs().items()})
+    ins = [mx.nd.array(inp["x"], dtype=np.float64)] + (
+        [mx.nd.array(inp["y"], dtype=inp["y"].dtype)] if label else []) + [
+        mx.nd.array(inp[key], dtype=np.float64) for key in ("mu", "s")]
+    shapes = [list(a.shape) for a in ins]
+    codes = [1] * len(ins)  # MXNet's code of float64
+    if label:
+        codes[1] = {np.dtype(np.int32): 4, np.dtype(np.int64): 6, np.dtype(np.float32): 0,
+                    np.dtype(np.float64): 1}[np.dtype(inp["y"].dtype)]
+    gz, gl = (mx.nd.array(inp[key], dtype=np.float64) for key in ("gz", "gl"))
+    results = []
+    for layout in ((shapes, codes), (shapes, [-1] * len(ins)), (None, None)):
+        op = prop.create_operator(mx.cpu(), *layout)
+        outs = [mx.nd.zeros((n, k), dtype=np.float64), mx.nd.zeros((n,), dtype=np.float64)]
+        grads = [mx.nd.ones(a.shape, dtype=a.dtype) for a in ins]
+        mx.nd.waitall()
+        op.forward(True, ["write"] * 2, ins, outs, [])
+        op.backward(["write"] * len(ins), [gz, gl], ins, outs, grads, [])
+        results.append([a.asnumpy() for a in outs + grads])
+    assert op._inputs[0] is None  # the last layout was unknown
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+    if label:
+        np.testing.assert_array_equal(results[0][3], 0)  # no gradient to the label
