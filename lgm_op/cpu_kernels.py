@@ -54,15 +54,26 @@ _PAIR_SUFFIX = {(np.dtype(np.float32), np.dtype(np.float32)): "f",
                 (np.dtype(np.float64), np.dtype(np.float64)): "d"}
 
 
+# Instruction sets the passes are built for where the CPU has every one of a level's features
+# (the flags are part of the cache key, so a machine without them builds its own module). The
+# AVX-512 level takes about a tenth off the passes' time at 128 x 100 x 384 on the AMD EPYC here
+# (best of alternating runs: 424 -> 390 us a step; their loops vectorise with masked tails).
+_ARCH_LEVELS = (
+    ({"avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl"},
+     ("-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl")),
+    ({"avx2", "fma"}, ("-mavx2", "-mfma")),
+)
+
+
 def _arch_flags():
-    """AVX2 and FMA where this CPU has them (the flags are part of the cache key, so a machine
-    without them builds its own module); nothing machine-specific otherwise."""
+    """The compiler flags of the widest level of ``_ARCH_LEVELS`` this CPU has; nothing
+    machine-specific otherwise."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return ("-mavx2", "-mfma") if {"avx2", "fma"} <= flags else ()
+                    return next((level for needed, level in _ARCH_LEVELS if needed <= flags), ())
     except OSError:
         pass
     return ()
