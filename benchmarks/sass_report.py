@@ -32,6 +32,7 @@ model for three GEMMs of the same shapes at one FFMA per update, no tail. Consta
 """
 import argparse
 import ctypes
+import functools
 import glob
 import importlib.util
 import math
@@ -100,8 +101,15 @@ def compile_cubin(file_name, arch, names):
 
     names: entry names or template name expressions (added to the program, so templates are
     instantiated as CuPy's ``RawModule(name_expressions=...)`` does); options as the launchers
-    give CuPy, plus the -ftz=true CuPy adds.
+    give CuPy, plus the -ftz=true CuPy adds. Kept per process (the sources do not change while
+    it runs, and a file takes NVRTC tens of seconds an architecture on two cores): the returned
+    values are shared, not to be changed.
     """
+    return _compile_cubin(file_name, arch, tuple(names))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_cubin(file_name, arch, names):
     from cupy.cuda import nvrtc
     lib = _nvrtc_library()
     prog = nvrtc.createProgram(load_source(file_name), file_name, [], [])
@@ -285,7 +293,10 @@ def kernel_rows(archs, only=None):
         by_file.setdefault(file_name, []).append((base, dtype, label, name))
     for arch in archs:
         for file_name, entries in by_file.items():
-            log, cubin, lowered = compile_cubin(file_name, arch, [e[3] for e in entries])
+            # every entry of the file, whichever are reported: one compilation per file serves
+            # every report of it (and the tests' resource checks)
+            log, cubin, lowered = compile_cubin(file_name, arch, [
+                e[4] for e in KERNEL_ENTRIES if e[0] == file_name])
             resources = resource_table(log)
             sass = disassemble(cubin)
             for base, dtype, label, name in entries:
