@@ -112,16 +112,15 @@ class LGMOp(mx.operator.CustomOp):
             opts = self._last_opts
             _, backward, extra = self._functions()
             arrays = _Arrays(self.backend, in_data[0], self._inputs)
-            layouts = self._inputs
             if opts.with_label:  # no gradient flows to the label
-                label_target = arrays.target(in_grad[1], req[1], layouts[1])
+                label_target = arrays.target(in_grad[1], req[1], self._inputs[1])
                 if label_target.buffer is not None and req[1] != "add":
                     label_target.buffer[...] = 0
                 pick = (0, 2, 3)
             else:  # label-free form: the class the forward predicted
                 pick = (0, 1, 2)
             grad_req = [req[i] for i in pick]
-            targets = [arrays.target(in_grad[i], req[i], layouts[i]) for i in pick]
+            targets = [arrays.target(in_grad[i], req[i], self._inputs[i]) for i in pick]
             need = tuple(r != "null" for r in grad_req)
             if any(need):
                 x, label, mu, s = self._split(arrays.read_all(in_data, self._inputs))

@@ -284,10 +284,7 @@ def test_callbacks_with_and_without_known_layouts(label, rng, seed):
         [mx.nd.array(inp["y"], dtype=inp["y"].dtype)] if label else []) + [
         mx.nd.array(inp[key], dtype=np.float64) for key in ("mu", "s")]
     shapes = [list(a.shape) for a in ins]
-    codes = [1] * len(ins)  # MXNet's code of float64
-    if label:
-        codes[1] = {np.dtype(np.int32): 4, np.dtype(np.int64): 6, np.dtype(np.float32): 0,
-                    np.dtype(np.float64): 1}[np.dtype(inp["y"].dtype)]
+    codes = [mx.ndarray.ndarray._DTYPE_NP_TO_MX[np.dtype(a.dtype).type] for a in ins]
     gz, gl = (mx.nd.array(inp[key], dtype=np.float64) for key in ("gz", "gl"))
     results = []
     for layout in ((shapes, codes), (shapes, [-1] * len(ins)), (None, None)):
