@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -40,11 +41,16 @@ const i64 kParallelWork = 1 << 20;
 // The threshold in force: kParallelWork unless lgm_set_parallel_work changed it (the tests run
 // every pass threaded on small arrays that way).
 std::atomic<i64> parallel_work{kParallelWork};
+// A calling thread's own threshold, when it set one and it is lower (0: none): the PyTorch binding's
+// threads, whose OpenMP threads spin between PyTorch's operators, gain from threading smaller
+// passes than MXNet's, which sleep (OMP_WAIT_POLICY=PASSIVE).
+thread_local i64 thread_parallel_work = 0;
 // The centroid is the mean of at most this many evenly spaced class means (cpu.py: _centroid).
 const i64 kCentroidRows = 63;
 
 inline bool parallel_for(i64 work) {
-    return work >= parallel_work.load(std::memory_order_relaxed);
+    const i64 limit = parallel_work.load(std::memory_order_relaxed);
+    return work >= (thread_parallel_work ? std::min(thread_parallel_work, limit) : limit);
 }
 
 // clip(v, lo, hi) with NaN kept (as np.clip), in a form the compiler vectorises
@@ -65,9 +71,10 @@ struct Shape {
 // std::exp instead.
 template <typename T>
 bool exp_in_range(const T* x, i64 count, T limit) {
-    bool inside = true;
-    for (i64 e = 0; e < count; ++e) inside &= std::fabs(x[e]) <= limit;
-    return inside;
+    i64 outside = 0;  // a count, not a flag: the compiler vectorises the sum (NaN is outside)
+#pragma omp simd reduction(+ : outside)
+    for (i64 e = 0; e < count; ++e) outside += !(std::fabs(x[e]) <= limit);
+    return outside == 0;
 }
 
 inline void exp_array(const double* x, i64 count, double* out) {
@@ -198,11 +205,12 @@ void centroid(const T* mu, const Shape& sh, T* shift) {
     for (i64 r = 0; r < m; ++r) {
         const T* row = mu + rows[r] * sh.d;
         T top = 0;
-        bool nan = false;
+        i64 nan = 0;  // a count and a max reduction: both vectorise
+#pragma omp simd reduction(max : top) reduction(+ : nan)
         for (i64 j = 0; j < sh.d; ++j) {
             T a = std::fabs(row[j]);
-            nan |= a != a;
-            top = std::max(top, a);
+            nan += a != a;
+            top = a > top ? a : top;
         }
         size[r] = nan ? std::numeric_limits<T>::quiet_NaN() : top;
         if (std::isfinite(size[r])) finite.push_back(size[r]);
@@ -350,6 +358,14 @@ void forward_epilogue(const T* x, const i64* label, const T* mu,
             // (b) those entries directly; the label's with the margin
             double d_label = 0;
             for (i64 k = 0; k < sh.k; ++k) {
+                if (k + 8 <= sh.k) {  // eight flags at a time: most are 0
+                    uint64_t word;
+                    std::memcpy(&word, flag + k, 8);
+                    if (word == 0) {
+                        k += 7;
+                        continue;
+                    }
+                }
                 if (!direct[k]) continue;
                 double d = direct_half_distance(x, mu, ivs, sh, i, k);
                 double value = (k == y ? -(1.0 + o.alpha) : -1.0) * d;
@@ -584,16 +600,21 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
             }
             if (o.need_mean) {
                 T* out = dmu + k * sh.d;
-                for (i64 j = 0; j < sh.d; ++j) out[j] = T(dm[j]);
+#pragma omp simd
+                for (i64 j = 0; j < sh.d; ++j) out[j] = T(dmk[j]);
             }
             if (o.need_log_var) {
                 T* out = dlog_var + k * sh.sd;
                 const T* sk = s + k * sh.sd;
-                for (i64 j = 0; j < sh.sd; ++j) {
-                    // the clamp passes no gradient where it changed the value (or it is NaN)
-                    const T v = sk[j];
-                    bool blocked = !(clamp(v, lo, hi) == v);
-                    out[j] = blocked ? T(0) : T(iso ? ds_iso : ds[j]);
+                // the clamp passes no gradient where it changed the value (or it is NaN)
+                if (iso) {
+                    out[0] = clamp(sk[0], lo, hi) == sk[0] ? T(ds_iso) : T(0);
+                } else {
+#pragma omp simd
+                    for (i64 j = 0; j < sh.d; ++j) {
+                        const T v = sk[j];
+                        out[j] = clamp(v, lo, hi) == v ? T(dsk[j]) : T(0);
+                    }
                 }
             }
         }
@@ -689,6 +710,19 @@ LGM_EXPORT_LABELS(int64_t, l)
 // returns the previous one.
 extern "C" LGM_API i64 lgm_set_parallel_work(i64 elements) {
     return parallel_work.exchange(elements > 0 ? elements : kParallelWork);
+}
+
+// Sets the calling thread's own threshold (0: none; the lower of it and the process-wide one
+// applies); returns the previous one.
+extern "C" LGM_API i64 lgm_set_thread_parallel_work(i64 elements) {
+    const i64 previous = thread_parallel_work;
+    thread_parallel_work = elements > 0 ? elements : 0;
+    return previous;
+}
+
+// How many threads a pass over this many elements uses on the calling thread (for tests).
+extern "C" LGM_API i64 lgm_threads_for(i64 elements) {
+    return parallel_for(elements) ? omp_get_max_threads() : 1;
 }
 
 extern "C" LGM_API void lgm_direct_row_starts(const i64 *label, const uint8_t *bad_row,

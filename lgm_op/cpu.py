@@ -308,12 +308,20 @@ class CPUState:
     the per-class operands and the shifted features. Pass one object to ``lgm_forward_cpu`` and
     then to ``lgm_backward_cpu``. The backward reuses them only if its inputs hold exactly the
     bytes the forward saw (same shapes and dtypes, same clamp, a byte-wise comparison against
-    copies of the inputs), and recomputes them otherwise, so reuse can never change a result."""
+    copies of the inputs), and recomputes them otherwise, so reuse can never change a result.
 
-    def __init__(self):
+    ``owned=True``: the state serves one forward and the backwards of that forward only, and the
+    caller guarantees that memory the forward read still holds the same values at the backward
+    (autograd's saved-tensor version checks do: an in-place change of a saved input makes the
+    backward raise). Then nothing is copied or compared byte by byte: the backward reuses the
+    operands when its inputs are the same arrays (address, shape, strides and dtype), and the
+    operands are kept at any size."""
+
+    def __init__(self, owned=False):
         self.key = None
         self.inputs = None
         self.saved = None
+        self.owned = owned
         self.pool = _take_pool()
 
     def __del__(self):
@@ -332,25 +340,35 @@ def _same_bytes(a, b):
         a.ctypes.data, b.ctypes.data, a.nbytes) == 0)
 
 
+def _identity(a):
+    """Which memory an array views, and how: equal identities hold equal values for an owned
+    state (``CPUState``)."""
+    a = np.asarray(a)
+    return a.ctypes.data, a.shape, a.strides, a.dtype
+
+
 def _prepare(x, mu, log_var, opts, tmp, state=None, reuse=False, build=None, keep_bytes=None):
     """x, mu, log_var as C-contiguous arrays of x's dtype, and the operands ``build(x, mu,
     log_var, opts, pool)`` makes of them (a tuple). With ``state``: saved for a backward
     (``reuse=False``, forward), or taken from it when the inputs are byte-for-byte those of its
-    forward and it was built the same way (``reuse=True``); else built in the call's buffers
-    ``tmp``. ``keep_bytes``: save nothing for inputs larger than this (checking them would cost
-    more than building again)."""
+    forward (for an owned state: the same arrays) and it was built the same way (``reuse=True``);
+    else built in the call's buffers ``tmp``. ``keep_bytes``: save nothing for inputs larger than
+    this (checking them would cost more than building again; an owned state checks nothing)."""
     dtype = check_float_dtype("data", np.asarray(x).dtype)
+    owned = state is not None and state.owned
+    given = tuple(map(_identity, (x, mu, log_var))) if owned else None
     x, mu, log_var = (np.ascontiguousarray(a, dtype=dtype) for a in (x, mu, log_var))
     key = (build, opts.logvar_min, opts.logvar_max, opts.isotropic)
-    if reuse and state is not None and state.key == key and all(
-            _same_bytes(a, b) for a, b in zip((x, mu, log_var), state.inputs)):
+    if reuse and state is not None and state.key == key and (
+            given == state.inputs if owned else
+            all(_same_bytes(a, b) for a, b in zip((x, mu, log_var), state.inputs))):
         saved = state.saved
         if isinstance(saved[0], _Classes):   # the same bytes, in this call's arrays
             saved[0].mu, saved[0].log_var = mu, log_var
         return (x, mu, log_var) + saved
     # a forward keeps its operands in the state's own buffers (they must outlive the call)
     keep = state is not None and not reuse and (
-        keep_bytes is None or x.nbytes + mu.nbytes + log_var.nbytes <= keep_bytes)
+        owned or keep_bytes is None or x.nbytes + mu.nbytes + log_var.nbytes <= keep_bytes)
     if state is not None and not reuse and not keep:
         state.key = state.inputs = state.saved = None
         state.pool.release()
@@ -358,8 +376,8 @@ def _prepare(x, mu, log_var, opts, tmp, state=None, reuse=False, build=None, kee
     saved = build(x, mu, log_var, opts, pool)
     if keep:
         state.key, state.saved = key, saved
-        state.inputs = tuple(pool.copy(name, a) for name, a in
-                             zip(("in_x", "in_mu", "in_s"), (x, mu, log_var)))
+        state.inputs = given if owned else tuple(
+            pool.copy(name, a) for name, a in zip(("in_x", "in_mu", "in_s"), (x, mu, log_var)))
     return (x, mu, log_var) + saved
 
 

@@ -103,6 +103,12 @@ class CPUKernels:
         self._set_parallel_work = lib.lgm_set_parallel_work
         self._set_parallel_work.argtypes = (_I,)
         self._set_parallel_work.restype = _I
+        self._set_thread_parallel_work = lib.lgm_set_thread_parallel_work
+        self._set_thread_parallel_work.argtypes = (_I,)
+        self._set_thread_parallel_work.restype = _I
+        self._threads_for = lib.lgm_threads_for
+        self._threads_for.argtypes = (_I,)
+        self._threads_for.restype = _I
 
     def labels(self, label, num_classes):
         """Labels (N,) as int64 class ids, after checking every value is an integer in [0, K),
@@ -124,6 +130,15 @@ class CPUKernels:
         Returns the previous value. For tests and measurements."""
         return int(self._set_parallel_work(int(elements)))
 
+    def set_thread_parallel_work(self, elements):
+        """The same for the calling thread only (the lower of this and the process-wide value
+        applies; 0: none); returns the thread's previous value (0 when it had none)."""
+        return int(self._set_thread_parallel_work(int(elements)))
+
+    def threads_for(self, elements):
+        """How many threads a pass over ``elements`` elements would use on the calling thread."""
+        return int(self._threads_for(int(elements)))
+
     @staticmethod
     def _bind(lib, symbol, name):
         function = getattr(lib, symbol)
@@ -132,9 +147,11 @@ class CPUKernels:
         return function
 
     def call(self, name, types, *args):
-        key = (name, tuple(np.dtype(t) for t in types) if isinstance(types, tuple) else
-               np.dtype(types))
-        self._functions[key](*args)
+        function = self._functions.get((name, types))   # types given as NumPy dtypes already
+        if function is None:
+            function = self._functions[name, tuple(map(np.dtype, types)) if isinstance(
+                types, tuple) else np.dtype(types)]
+        function(*args)
 
 
 _lock = threading.Lock()

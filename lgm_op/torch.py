@@ -24,6 +24,7 @@ section 4. This module needs no MXNet.
 import contextlib
 import functools
 import math
+import os
 import threading
 from typing import Optional, Tuple
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cpu_kernels
 from .checks import check_float_dtype, check_shapes
 from .cpu import CPUState, lgm_backward_cpu, lgm_forward_cpu
 from .cuda import lgm_backward_cuda, lgm_forward_cuda
@@ -99,6 +101,28 @@ def _opts(num_classes, alpha, logvar_min, logvar_max, logdet_logits, logdet_lkd,
                               logdet_lkd=logdet_lkd, isotropic=isotropic, with_label=with_label))
 
 
+def _call_options(num_classes, with_label, options):
+    """parse_options for a call of :func:`lgm`, cached by value and type (so 1 and True, equal
+    as keys, are parsed apart); values that cannot be keys are parsed at every call."""
+    if not torch.compiler.is_compiling():  # (Dynamo traces the parse itself, not a cache)
+        key = (num_classes, type(num_classes), with_label,
+               tuple(sorted((name, type(value), value) for name, value in options.items())))
+        try:
+            hash(key)
+        except TypeError:
+            pass
+        else:
+            return _cached_options(key)
+    return parse_options(dict(options, num_classes=num_classes, with_label=with_label))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_options(key):
+    num_classes, _, with_label, items = key
+    return parse_options(dict(((name, value) for name, _, value in items),
+                              num_classes=num_classes, with_label=with_label))
+
+
 def _flat(opts):
     """The options as the op's scalar arguments, in its schema's order (with_label excluded)."""
     return (opts.num_classes, opts.alpha, opts.logvar_min, opts.logvar_max, opts.logdet_logits,
@@ -143,23 +167,45 @@ def _cpu_state():
     return state
 
 
-def _call(functions, tensors, *args, out, **kwargs):
+def _call(functions, tensors, *args, out, state=None, **kwargs):
     """Run the CPU or the CUDA function of ``functions`` on views of ``tensors`` (the leading
-    array arguments, entries may be None), then ``args``, writing into the tensors ``out``."""
+    array arguments, entries may be None), then ``args``, writing into the tensors ``out``.
+    state: the CPU path's ``CPUState`` for this call (default: the thread's)."""
     cpu_function, cuda_function = functions
     if tensors[0].device.type == "cpu":
-        cpu_function(*map(_numpy, tensors), *args, out=tuple(map(_numpy, out)), **kwargs)
+        cpu_function(*map(_numpy, tensors), *args, out=tuple(map(_numpy, out)),
+                     state=_cpu_state() if state is None else state, **kwargs)
         return
     with _on_cuda(tensors[0]) as view:
         cuda_function(*map(view, tensors), *args, out=tuple(map(view, out)), **kwargs)
 
 
+# The CPU passes run on several threads from this many elements on a PyTorch caller's thread
+# (the process-wide default is 2^20, for MXNet, whose OpenMP threads sleep between operators):
+# PyTorch's OpenMP threads, which the passes share, spin for a while after each of its parallel
+# operators, so a region costs little there. Not under OMP_WAIT_POLICY=PASSIVE, where waking them
+# costs what it costs MXNet.
+_PARALLEL_WORK = 1 << 15
+_threads = threading.local()
+
+
+def _passes_threads():
+    if getattr(_threads, "ready", False):
+        return
+    _threads.ready = True
+    lib = cpu_kernels.kernels()
+    if lib is not None and os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE":
+        lib.set_thread_parallel_work(_PARALLEL_WORK)
+
+
 def _forward_cpu(*args, **kwargs):
-    return lgm_forward_cpu(*args, state=_cpu_state(), matmul=_torch_matmul, **kwargs)
+    _passes_threads()
+    return lgm_forward_cpu(*args, matmul=_torch_matmul, **kwargs)
 
 
 def _backward_cpu(*args, **kwargs):
-    return lgm_backward_cpu(*args, state=_cpu_state(), matmul=_torch_matmul, **kwargs)
+    _passes_threads()
+    return lgm_backward_cpu(*args, matmul=_torch_matmul, **kwargs)
 
 
 _FORWARD = (_forward_cpu, lgm_forward_cuda)
@@ -179,11 +225,16 @@ def lgm_forward(data: Tensor, label: Optional[Tensor], mean: Tensor, log_var: Te
     or (K, 1) when isotropic. The margin applies when ``training`` and a label is given."""
     opts = _opts(num_classes, alpha, logvar_min, logvar_max, logdet_logits, logdet_lkd, isotropic,
                  label is not None)
+    return _forward(data, label, mean, log_var, opts, training)
+
+
+def _forward(data, label, mean, log_var, opts, training, state=None):
+    """The forward of both entry points (the custom op and the eager ``_LGMFunction``)."""
     _check_inputs(opts, data, label, mean, log_var)
     n = data.shape[0]
-    logits = data.new_empty((n, num_classes))
+    logits = data.new_empty((n, opts.num_classes))
     lkd = data.new_empty((n,))
-    _call(_FORWARD, (data, label, mean, log_var), opts, training, out=(logits, lkd))
+    _call(_FORWARD, (data, label, mean, log_var), opts, training, out=(logits, lkd), state=state)
     return logits, lkd
 
 
@@ -208,10 +259,18 @@ def lgm_backward(data: Tensor, label: Tensor, mean: Tensor, log_var: Tensor, gra
     the label-free form (``with_label=False``) the classes the forward predicted."""
     opts = _opts(num_classes, alpha, logvar_min, logvar_max, logdet_logits, logdet_lkd, isotropic,
                  with_label)
-    need = (need_data, need_mean, need_log_var)
+    return _backward_call(data, label, mean, log_var, grad_logits, grad_lkd, opts, training,
+                          (need_data, need_mean, need_log_var))
+
+
+def _backward_call(data, label, mean, log_var, grad_logits, grad_lkd, opts, training, need,
+                   state=None):
+    """The backward of both entry points: the three gradients, an empty (0,) tensor for one that
+    is not needed."""
     grads = _backward_outputs(data, mean, log_var, need)
     _call(_BACKWARD, (data, label, mean, log_var, grad_logits, grad_lkd), opts, training,
-          need=need, out=tuple(g if wanted else None for g, wanted in zip(grads, need)))
+          need=need, out=tuple(g if wanted else None for g, wanted in zip(grads, need)),
+          state=state)
     return grads
 
 
@@ -252,6 +311,78 @@ lgm_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
+# the eager entry point
+
+class _LGMFunction(torch.autograd.Function):
+    """The same forward and backward as the custom op, for eager calls on plain CPU and CUDA
+    tensors. A custom op's call passes through the dispatcher twice (its autograd and its
+    backend kernels, forward and backward): about 0.2 ms a step more than this Function (measured
+    fwd+bwd of no-op bodies, 280-320 us against 110-120 us), which at 128 x 100 x 384 is a tenth
+    of the step. Under ``torch.compile``, for tensor subclasses (FakeTensor and the like), under
+    dispatch or function modes and for functorch transforms :func:`_apply` calls the custom op.
+
+    The CPU path's operands live in a ``CPUState`` owned by this node: autograd's version checks
+    guarantee the saved inputs are unchanged at the backward, so they are reused without the
+    copy and comparison the custom op's per-thread state needs."""
+
+    @staticmethod
+    def forward(ctx, data, label, mean, log_var, opts, training):
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        state = CPUState(owned=True) if any(need) and data.device.type == "cpu" else None
+        logits, lkd = _forward(data, label, mean, log_var, opts, training, state=state)
+        ctx.state = state
+        ctx.opts, ctx.training = opts, training
+        if label is None:  # label-free form: the backward differentiates the predicted classes
+            label = torch.argmax(logits, dim=1)
+        ctx.save_for_backward(data, label, mean, log_var)
+        return logits, lkd
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_lkd):
+        data, label, mean, log_var = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        if not any(need):
+            return (None,) * 6
+        opts = ctx.opts  # its with_label tells the label-free form (label: the predicted classes)
+        if torch.is_grad_enabled():
+            # create_graph=True: the backward op, whose gradients' graph refuses a second
+            # backward (no formula is registered) instead of treating them as constants
+            grads = lgm_backward(data, label, mean, log_var, grad_logits, grad_lkd, *_flat(opts),
+                                 opts.with_label, ctx.training, *need)
+        else:
+            grads = _backward_call(data, label, mean, log_var, grad_logits, grad_lkd, opts,
+                                   ctx.training, need, state=ctx.state)
+        dx, dmu, ds = (g if wanted else None for g, wanted in zip(grads, need))
+        return dx, None, dmu, ds, None, None
+
+
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def _eager(tensors):
+    """Whether a call on ``tensors`` may take ``_LGMFunction`` (else the custom op)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or (
+            torch._C._is_torch_function_mode_enabled()):
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or t.device.type not in ("cpu", "cuda") or
+                              torch._C._functorch.is_functorch_wrapped_tensor(t)):
+            return False
+    return True
+
+
+def _apply(data, label, mean, log_var, opts, training):
+    """``(logits, lkd)`` through ``_LGMFunction`` in eager mode, else the custom op."""
+    if _EAGER_FUNCTION and _eager((data, label, mean, log_var)):
+        return _LGMFunction.apply(data, label, mean, log_var, opts, training)
+    return lgm_forward(data, label, mean, log_var, *_flat(opts), training)
+
+
+# False: every call through the custom op (the tests run both ways)
+_EAGER_FUNCTION = True
+
+
+# ---------------------------------------------------------------------------------------------
 # the functional form and the module
 
 def lgm(data, label, mean, log_var, num_classes, training=True, **options):
@@ -265,14 +396,14 @@ def lgm(data, label, mean, log_var, num_classes, training=True, **options):
     """
     if "with_label" in options:
         raise ValueError("lgm: the label-free form is chosen by label=None, not by with_label")
-    opts = parse_options(dict(options, num_classes=num_classes, with_label=label is not None))
+    opts = _call_options(num_classes, label is not None, options)
     if not isinstance(training, bool):
         raise TypeError(f"lgm: training must be a bool, got {type(training).__name__}")
     # the dispatcher would reject a non-tensor with a RuntimeError: name the argument first
     for name, value in (("data", data), ("mean", mean), ("log_var", log_var)):
         _tensor(name, value)
     _tensor("label", label, optional=True)
-    return lgm_forward(data, label, mean, log_var, *_flat(opts), training)
+    return _apply(data, label, mean, log_var, opts, training)
 
 
 def _load_counter(module, state_dict, prefix, *args):
@@ -346,8 +477,7 @@ class LGMLoss(nn.Module):
         opts = self.opts
         if self.training and not self.schedule.is_constant:
             opts = opts.replace_alpha(self.margin())
-        logits, lkd = lgm_forward(features, label, self.mean, self.log_var, *_flat(opts),
-                                  self.training)
+        logits, lkd = _apply(features, label, self.mean, self.log_var, opts, self.training)
         if self.training and not self.schedule.is_constant:
             # only a step that got this far moves the schedule (a rejected batch raised above)
             self._iteration += 1

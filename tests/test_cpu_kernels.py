@@ -74,11 +74,12 @@ def test_compiled_equals_numpy_path(shape, dtype, rng, seed, threading_mode):
                              atol_scale=atol_scale)
 
 
-@pytest.mark.parametrize("keep_bytes", [None, 0])
+@pytest.mark.parametrize("keep_bytes,owned", [(None, False), (0, False), (None, True)])
 @pytest.mark.parametrize("changed", ["x", "mu", "s"])
-def test_backward_uses_its_own_inputs(changed, keep_bytes, rng, seed, monkeypatch):
+def test_backward_uses_its_own_inputs(changed, keep_bytes, owned, rng, seed, monkeypatch):
     """A backward whose inputs differ from its forward's (even by one entry) computes on its own
-    inputs, whether the forward saved its operands (small inputs) or not (keep_bytes=0)."""
+    inputs, whether the forward saved its operands (small inputs) or not (keep_bytes=0), and for
+    an owned state (other arrays: built again)."""
     if keep_bytes is not None:
         monkeypatch.setattr(cpu, "_KEEP_BYTES", keep_bytes)
     opts = LGMOptions(num_classes=6)
@@ -86,7 +87,7 @@ def test_backward_uses_its_own_inputs(changed, keep_bytes, rng, seed, monkeypatc
     other = {key: v.copy() for key, v in inp.items()}
     other[changed].reshape(-1)[5] += 0.25
     with cpu_kernels_env("1"):
-        state = CPUState()
+        state = CPUState(owned=owned)
         lgm_forward_cpu(inp["x"], inp["y"], inp["mu"], inp["s"], opts, True, state=state)
         got = lgm_backward_cpu(other["x"], other["y"], other["mu"], other["s"], other["gz"],
                                other["gl"], opts, True, state=state)
@@ -99,14 +100,59 @@ def test_backward_uses_its_own_inputs(changed, keep_bytes, rng, seed, monkeypatc
 def test_saved_operands_give_the_same_bits(rng, monkeypatch):
     opts = LGMOptions(num_classes=9)
     inp = make_inputs(rng, 50, 9, 17)
+    builds = []
+    build = cpu._CompiledOperands.build.__func__
+    monkeypatch.setattr(cpu._CompiledOperands, "build", classmethod(
+        lambda cls, *args: builds.append(1) or build(cls, *args)))
+
+    def counted(**kwargs):
+        builds.clear()
+        return _step(inp, opts, **kwargs), len(builds)
     with cpu_kernels_env("1"):
-        kept = _step(inp, opts, state=CPUState())
+        (kept, kept_builds), (owned, owned_builds) = (
+            counted(state=CPUState()), counted(state=CPUState(owned=True)))
+        plain, plain_builds = counted()
+        # an owned state keeps its operands at any size, without copies of the inputs
         monkeypatch.setattr(cpu, "_KEEP_BYTES", 0)
-        rebuilt = _step(inp, opts, state=CPUState())
-        plain = _step(inp, opts)
-    for name, a, b, c in zip(NAMES, kept, rebuilt, plain):
-        np.testing.assert_array_equal(a, b, err_msg=name)
-        np.testing.assert_array_equal(a, c, err_msg=name)
+        (rebuilt, rebuilt_builds), (owned_big, owned_big_builds) = (
+            counted(state=CPUState()), counted(state=CPUState(owned=True)))
+    assert (kept_builds, owned_builds, plain_builds, rebuilt_builds, owned_big_builds) == (
+        1, 1, 2, 2, 1)
+    for name, *results in zip(NAMES, kept, rebuilt, plain, owned, owned_big):
+        for other in results[1:]:
+            np.testing.assert_array_equal(results[0], other, err_msg=name)
+
+
+def test_a_threads_own_parallel_threshold():
+    """set_thread_parallel_work lowers the threshold for the calling thread only (the lower of
+    it and the process-wide one applies), and 0 takes it back."""
+    lib = cpu_kernels.kernels()
+    if lib is None:
+        pytest.skip("the compiled passes are not available")
+    seen = {}
+
+    def in_thread(function):    # fresh threads: no threshold of their own yet
+        t = threading.Thread(target=lambda: seen.setdefault(function.__name__, function()))
+        t.start()
+        t.join()
+        return seen[function.__name__]
+
+    def other_thread():
+        return lib.threads_for(1 << 12)
+
+    def own_thread():
+        many = lib.threads_for(1 << 40)   # above any threshold: this thread's OpenMP count
+        got = [many, lib.threads_for(1 << 12), lib.set_thread_parallel_work(1 << 12)]
+        got += [lib.threads_for(1 << 12), lib.threads_for((1 << 12) - 1), in_thread(other_thread)]
+        previous = lib.set_parallel_work(1 << 10)   # lower still: the process-wide one applies
+        try:
+            got.append(lib.threads_for(1 << 10))
+        finally:
+            lib.set_parallel_work(previous)
+        got += [lib.set_thread_parallel_work(0), lib.threads_for(1 << 12)]
+        return got
+    many, *got = in_thread(own_thread)
+    assert got == [1, 0, many, 1, 1, many, 1 << 12, 1]
 
 
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),

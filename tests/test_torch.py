@@ -39,6 +39,13 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(params=["function", "custom_op"])
+def entry(request, monkeypatch):
+    """Eager calls through ``_LGMFunction`` (the default) or all through the custom op."""
+    monkeypatch.setattr(lgm_torch, "_EAGER_FUNCTION", request.param == "function")
+    return request.param
+
+
 def _kwargs(opts):
     """The options of ``lgm_torch.lgm`` for an LGMOptions (the label decides with_label)."""
     return dict(alpha=opts.alpha, logvar_min=opts.logvar_min, logvar_max=opts.logvar_max,
@@ -99,6 +106,7 @@ def check_results(got, inp64, opts, seed, training=True, label=True):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.usefixtures("entry")
 def test_matches_reference(shape, dtype, device, rng, seed):
     n, k, d = shape
     inp = make_inputs(rng, n, k, d)
@@ -108,6 +116,7 @@ def test_matches_reference(shape, dtype, device, rng, seed):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.usefixtures("entry")
 def test_label_free_form_and_eval(dtype, training, device, rng, seed):
     inp = make_inputs(rng, 65, 63, 17)
     opts = LGMOptions(num_classes=63, alpha=0.3)
@@ -118,6 +127,7 @@ def test_label_free_form_and_eval(dtype, training, device, rng, seed):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.usefixtures("entry")
 def test_input_families(family, dtype, device, rng, seed):
     """SPEC 5's input families (features near their means, far from the origin, classes far
     apart, log-variances at the clamp bounds) through the binding."""
@@ -129,6 +139,7 @@ def test_input_families(family, dtype, device, rng, seed):
 
 
 @pytest.mark.parametrize("where,value", NONFINITE)
+@pytest.mark.usefixtures("entry")
 def test_nonfinite_stays_in_its_row_or_column(where, value, device, rng):
     inp, row, col = put_nonfinite(make_inputs(rng, 9, 5, 4), where, value, np.float64)
     logits = run_torch(inp, LGMOptions(num_classes=5, alpha=0.2), device)[0]
@@ -143,6 +154,7 @@ def test_nonfinite_stays_in_its_row_or_column(where, value, device, rng):
 
 
 @pytest.mark.parametrize("shape", SMALL_SHAPES)
+@pytest.mark.usefixtures("entry")
 def test_gradcheck_every_option(shape, device, rng):
     """torch.autograd.gradcheck in float64 on every option combination, with labels and
     label-free: the whole Jacobian on the small shapes, random directional derivatives (fast
@@ -252,16 +264,17 @@ def test_same_as_mxnet_operator(shape, dtype, rng, seed):
         assert_float32_rule(b, e, r, name + " (mxnet)", seed)
 
 
+@pytest.mark.usefixtures("entry")
 def test_gradients_only_where_needed(monkeypatch, device, rng, seed):
     """The backward computes exactly the gradients autograd asks for, and they are right."""
     calls = []
     cpu_backward, cuda_backward = lgm_torch._BACKWARD
 
     def record(function):
-        def wrapped(*args, need, out):
+        def wrapped(*args, need, out, **kwargs):
             calls.append(need)
             assert all((o is None) == (not wanted) for o, wanted in zip(out, need))
-            return function(*args, need=need, out=out)
+            return function(*args, need=need, out=out, **kwargs)
         return wrapped
     monkeypatch.setattr(lgm_torch, "_BACKWARD", (record(cpu_backward), record(cuda_backward)))
     inp = make_inputs(rng, 9, 4, 3)
@@ -282,6 +295,103 @@ def test_gradients_only_where_needed(monkeypatch, device, rng, seed):
     assert not calls
 
 
+@pytest.mark.usefixtures("entry")
+def _grad_fn_name(device, x, y, mu, s):
+    logits, _ = lgm_torch.lgm(x, y, mu, s, mu.shape[0])
+    return type(logits.grad_fn).__name__
+
+
+def test_eager_calls_take_the_function_else_the_custom_op(monkeypatch, device, rng):
+    """Plain tensors in eager mode go through _LGMFunction; with it switched off, under a
+    dispatch mode, and under torch.compile, the custom op runs (its trace has no graph break)."""
+    t = _tensors(make_inputs(rng, 5, 3, 2), device)
+    args = (t["x"], t["y"], t["mu"], t["s"])
+    assert _grad_fn_name(device, *args) == "_LGMFunctionBackward"
+    p = torch.nn.Parameter(t["mu"].detach().clone())
+    assert _grad_fn_name(device, t["x"], t["y"], p, t["s"]) == "_LGMFunctionBackward"
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+    with Record() as mode:
+        lgm_torch.lgm(*args, 3)
+    assert any("lgm_op.lgm_forward" in op for op in mode.ops), mode.ops
+    monkeypatch.setattr(lgm_torch, "_EAGER_FUNCTION", False)
+    assert _grad_fn_name(device, *args) != "_LGMFunctionBackward"
+    monkeypatch.setattr(lgm_torch, "_EAGER_FUNCTION", True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    compiled = torch.compile(lambda *a: lgm_torch.lgm(*a, 3), backend=backend, fullgraph=True)
+    logits, _ = compiled(*args)
+    assert any("lgm_op.lgm_forward" in str(node.target) for g in graphs for node in g.graph.nodes)
+    expected, _ = lgm_torch.lgm(*args, 3)
+    assert torch.equal(logits, expected)
+
+
+@pytest.mark.parametrize("label", [True, False])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_function_and_custom_op_give_the_same_bits(label, dtype, monkeypatch, device, rng):
+    """The two eager entry points run the same code: identical outputs and gradients, with
+    every gradient and with some left out, on odd shapes and every option set."""
+    for n, k, d in [(1, 1, 1), (37, 11, 19), (130, 7, 33)]:
+        for opts in option_sets(k):
+            inp = _cast(make_inputs(rng, n, k, d, isotropic=opts.isotropic), dtype)
+            results = []
+            for use_function in (True, False):
+                monkeypatch.setattr(lgm_torch, "_EAGER_FUNCTION", use_function)
+                t = _tensors(inp, device, requires_grad=False)
+                t["mu"].requires_grad_(True)
+                t["s"].requires_grad_(True)
+                logits, lkd = lgm_torch.lgm(t["x"], t["y"] if label else None, t["mu"], t["s"],
+                                            k, True, **_kwargs(opts))
+                torch.autograd.backward([logits, lkd], [t["gz"], t["gl"]])
+                assert t["x"].grad is None
+                results.append([a.detach().cpu().numpy() for a in (
+                    logits, lkd, t["mu"].grad, t["s"].grad)])
+            for name, a, b in zip(("logits", "lkd", "dmean", "dlog_var"), *results):
+                np.testing.assert_array_equal(a, b, err_msg=f"{name} {(n, k, d)} {opts}")
+
+
+def test_function_backward_guards(device, rng, seed):
+    """The eager Function's backward: an input changed in place after the forward is refused
+    (autograd's version check, which the reuse of the forward's operands relies on); a second
+    backward with retain_graph gives the same gradients; differentiating twice is refused."""
+    inp = make_inputs(rng, 9, 4, 3)
+    t = _tensors(inp, device)
+    logits, lkd = lgm_torch.lgm(t["x"], t["y"], t["mu"], t["s"], 4)
+    with torch.no_grad():
+        t["mu"].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.backward([logits, lkd], [t["gz"], t["gl"]])
+
+    t = _tensors(inp, device)
+    logits, lkd = lgm_torch.lgm(t["x"], t["y"], t["mu"], t["s"], 4)
+    first = torch.autograd.grad([logits, lkd], [t["x"], t["mu"], t["s"]], [t["gz"], t["gl"]],
+                                retain_graph=True)
+    second = torch.autograd.grad([logits, lkd], [t["x"], t["mu"], t["s"]], [t["gz"], t["gl"]])
+    expected = _reference(inp, LGMOptions(num_classes=4), True, True, np.float64)[2:]
+    for name, a, b, e in zip(NAMES[2:], first, second, expected):
+        assert torch.equal(a, b), name
+        assert_close(a.cpu().numpy(), e, RTOL64, name, seed)
+
+    # a gradient penalty needs second derivatives, which are not implemented: refused (not
+    # computed as if the first derivatives were constants)
+    logits, lkd = lgm_torch.lgm(t["x"], t["y"], t["mu"], t["s"], 4)
+    (dx,) = torch.autograd.grad([logits, lkd], [t["x"]], [t["gz"], t["gl"]], create_graph=True)
+    assert torch.equal(dx.detach(), first[0])
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        (dx.square().sum() + t["x"].sum()).backward()
+
+
 def test_empty_batch(device):
     x = torch.zeros((0, 3), dtype=torch.float64, device=device, requires_grad=True)
     mu = torch.zeros((4, 3), dtype=torch.float64, device=device, requires_grad=True)
@@ -293,6 +403,7 @@ def test_empty_batch(device):
     assert float(mu.grad.abs().sum()) == 0 and float(s.grad.abs().sum()) == 0
 
 
+@pytest.mark.usefixtures("entry")
 def test_non_contiguous_inputs_and_upstream(device, rng, seed):
     """Strided views in, and the stride-0 upstream gradient of ``.sum()``."""
     inp = make_inputs(rng, 7, 5, 3)
@@ -311,8 +422,13 @@ def test_cuda_launchers_on_the_simulator(monkeypatch, dtype, rng, seed):
     """The binding's calls of the CUDA launchers (outputs written in place, only the needed
     gradients), with CPU tensors routed to them: the kernels run on the CPU simulator."""
     from lgm_op.cuda import lgm_backward_cuda, lgm_forward_cuda
-    monkeypatch.setattr(lgm_torch, "_FORWARD", (lgm_forward_cuda, lgm_forward_cuda))
-    monkeypatch.setattr(lgm_torch, "_BACKWARD", (lgm_backward_cuda, lgm_backward_cuda))
+
+    def as_cpu_function(launcher):  # the CPU slot's interface: a CPUState argument, unused here
+        return lambda *args, state=None, **kwargs: launcher(*args, **kwargs)
+    monkeypatch.setattr(lgm_torch, "_FORWARD", (as_cpu_function(lgm_forward_cuda),
+                                                lgm_forward_cuda))
+    monkeypatch.setattr(lgm_torch, "_BACKWARD", (as_cpu_function(lgm_backward_cuda),
+                                                 lgm_backward_cuda))
     inp = make_inputs(rng, 33, 13, 7)
     opts = LGMOptions(num_classes=13, alpha=0.2)
     for label in (True, False):
@@ -412,6 +528,23 @@ def test_bad_input_is_a_clear_error(changes, error, words):
     expected = numpy_forward(x.numpy(), y.numpy(), mu.numpy(), s.numpy(), LGMOptions(4), True)
     assert_close(logits.numpy(), expected[0], RTOL64, "logits", 0)
     assert_close(lkd.numpy(), expected[1], RTOL64, "lkd", 0)
+
+
+def test_cached_options_keep_their_types():
+    """The options of a call are parsed once per value and type: a value accepted before does not
+    let an equal one of a wrong type through (True == 1), and every option error still raises."""
+    x, y, mu, s = torch.randn(3, 2), torch.tensor([0, 1, 2]), torch.randn(4, 2), torch.zeros(4, 2)
+    for _ in range(2):
+        lgm_torch.lgm(x, y, mu, s, 4, alpha=1)
+        lgm_torch.lgm(x, y, mu, s, 1 + 3, alpha=1.0, logdet_lkd=1)
+        with pytest.raises(ValueError, match="alpha must be a real number, got True"):
+            lgm_torch.lgm(x, y, mu, s, 4, alpha=True)
+        with pytest.raises(ValueError, match="num_classes must be an integer, got True"):
+            lgm_torch.lgm(x, y, mu, s[:1], True, alpha=1)
+        with pytest.raises(ValueError, match=r"alpha must be a real number, got \[1\]"):
+            lgm_torch.lgm(x, y, mu, s, 4, alpha=[1])
+        with pytest.raises(ValueError, match="alpha"):
+            lgm_torch.lgm(x, y, mu, s, 4, alpha=math.nan)
 
 
 def test_bad_input_on_another_device():
