@@ -3,8 +3,8 @@
 // file with g++; lgm_op/cpu.py runs the matrix products through NumPy's BLAS between the passes:
 //
 //   prepare (features and classes)
-//   forward:   (BLAS) A = xc^2 iv^T, S = xc (mc iv)^T  ->  forward_epilogue
-//   backward:  backward_weights  ->  (BLAS) [P | Q] = G [iv | mc iv], [GX | GX2] = G^T [xc | xc^2]
+//   forward:   (BLAS, one batched product) S = xc (mc iv)^T, A = xc^2 iv^T  ->  forward_epilogue
+//   backward:  backward_weights  ->  (BLAS) [Q | P] = G [mc iv | iv], [GX | GX2] = G^T [xc | xc^2]
 //              ->  backward_features (dx), backward_classes (dmu, dlog_var)
 //
 // Everything is on operands shifted by a centroid of the class means (xc = x - shift,
@@ -269,7 +269,7 @@ void prepare_features(const T* x, const T* mu, const Shape& sh, double logvar_mi
     }
 }
 
-// 3. Per class: ivm (K, sd + D) = [iv | mc iv] with iv = exp(-clip(s, logvar_min, logvar_max))
+// 3. Per class: ivm (K, D + sd) = [mc iv | iv] with iv = exp(-clip(s, logvar_min, logvar_max))
 // in T and mc = mu - shift; sq (K,) = sum_j mc^2 iv; half_log_det (K,) = 0.5 log|Sigma_k| of the
 // clamped log-variances (NaN kept). A class whose terms are not finite (its mean or log-variance
 // is not, or they overflow) is flagged in bad_class and zeroed in ivm and sq so the products stay
@@ -285,21 +285,22 @@ void prepare_classes(const T* mu, const T* s, const T* shift, const Shape& sh, d
         const T* mk = mu + k * sh.d;
         const T* sk = s + k * sh.sd;
         T* row = ivm + k * width;
+        T* iv = row + sh.d;
         double log_det = 0;  // finite terms (clamped) or NaN
 #pragma omp simd reduction(+ : log_det)
         for (i64 j = 0; j < sh.sd; ++j) {
             T clamped = clamp(sk[j], lo, hi);
             log_det += double(clamped);
-            row[j] = -clamped;
+            iv[j] = -clamped;
         }
-        exp_array(row, sh.sd, row);
+        exp_array(iv, sh.sd, iv);
         if (sh.sd == 1) log_det *= double(sh.d);
         double acc = 0;  // terms m^2 iv >= 0, or NaN, or inf (then flagged bad below)
 #pragma omp simd reduction(+ : acc)
         for (i64 j = 0; j < sh.d; ++j) {
             T m = mk[j] - shift[j];
-            T mi = m * row[sh.sd == 1 ? 0 : j];
-            row[sh.sd + j] = mi;
+            T mi = m * iv[sh.sd == 1 ? 0 : j];
+            row[j] = mi;
             acc += double(m) * double(mi);
         }
         half_log_det[k] = T(0.5 * log_det);
@@ -321,13 +322,14 @@ struct ForwardOptions {
     int logdet_logits, logdet_lkd;
 };
 
-// 5. logits (N, K) and lkd (N,). On entry logits holds A = (x^2) iv^T (diagonal; unused when
-// isotropic, where A = |x|^2 iv_k is formed here) and s_mciv holds x (mu iv)^T; ivm as
+// 5. logits (N, K) and lkd (N,) from a_part = A = (x^2) iv^T (N, K) (diagonal; null when
+// isotropic, where A = |x|^2 iv_k is formed here) and s_mciv = x (mu iv)^T (N, K); ivm as
 // prepare_classes makes it. label: (N,) or null (the label-free form: lkd then uses the
 // predicted class, the first largest logit).
 template <typename T>
 void forward_epilogue(const T* x, const i64* label, const T* mu,
-                      const InverseVariances<T>& ivs, const Shape& sh, const T* s_mciv, const T* norm, const T* ivm, const T* sq,
+                      const InverseVariances<T>& ivs, const Shape& sh, const T* a_part,
+                      const T* s_mciv, const T* norm, const T* ivm, const T* sq,
                       const T* half_log_det, const uint8_t* bad_row, const uint8_t* bad_class,
                       ForwardOptions o, T* logits, T* lkd) {
     const bool iso = sh.sd == 1;
@@ -345,9 +347,10 @@ void forward_epilogue(const T* x, const i64* label, const T* mu,
             const i64 classes = sh.k;          // a local bound: the byte stores below could
             uint8_t* flag = direct.data();     // alias sh as far as the compiler knows
             if (iso)
-                for (i64 k = 0; k < classes; ++k) row[k] = nrm * ivm[k * (sh.d + 1)];
+                for (i64 k = 0; k < classes; ++k) row[k] = nrm * ivm[k * (sh.d + 1) + sh.d];
+            const T* arow = iso ? row : a_part + i * sh.k;   // (read before row is written)
             for (i64 k = 0; k < classes; ++k) {
-                T t = row[k] + sq[k];
+                T t = arow[k] + sq[k];
                 T two_d = T(-2) * srow[k] + t;
                 flag[k] = uint8_t(!(two_d >= t * inv_tau)) | bad_class[k];
                 row[k] = two_d * minus_half - log_det_scale * half_log_det[k];
@@ -470,7 +473,7 @@ void backward_weights(const T* grad_logits, const T* grad_lkd, const i64* label,
 }
 
 // 7. dx (N, D) = xc * P - Q + the direct entries' sum_k w_ik iv_k (x_i - mu_k), from
-// pq = [P | Q] = G [iv | mc iv]: (N, sd + D).
+// pq = [Q | P] = G [mc iv | iv]: (N, D + sd).
 template <typename T, typename W>
 void backward_features(const T* x, const T* mu, const InverseVariances<T>& ivs, const Shape& sh,
                        const T* xcx, const W* pq, const i64* row_start, const i64* entry_class,
@@ -482,8 +485,8 @@ void backward_features(const T* x, const T* mu, const InverseVariances<T>& ivs, 
 #pragma omp for schedule(static)
         for (i64 i = 0; i < sh.n; ++i) {
             const T* xc = xcx + i * width;
-            const W* p = pq + i * pq_width;
-            const W* q = p + sh.sd;
+            const W* q = pq + i * pq_width;
+            const W* p = q + sh.d;
             for (i64 j = 0; j < sh.d; ++j)
                 acc[j] = double(xc[j]) * double(p[sh.sd == 1 ? 0 : j]) - double(q[j]);
             const T* xi = x + i * sh.d;
@@ -545,7 +548,7 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
         std::vector<double> dm(sh.d), ds(sh.d);
 #pragma omp for schedule(dynamic, 16)
         for (i64 k = 0; k < sh.k; ++k) {
-            const T* ivk = ivm + k * iv_width;
+            const T* ivk = ivm + k * iv_width + sh.d;   // iv (ivm is [mc iv | iv])
             const T* mk = mu + k * sh.d;
             const W* gxk = gx + k * gx_width;
             const double gc = g_col[k];
@@ -643,11 +646,11 @@ void backward_classes(const T* x, const i64* label, const T* mu, const T* s,
     extern "C" LGM_API void lgm_forward_epilogue_##sfx(                                         \
         const T *x, const i64 *label, const T *mu, const T *s, double logvar_min,               \
         double logvar_max, double *iv_cache, uint8_t *iv_ready, i64 n, i64 k, i64 d, i64 sd,    \
-        const T *s_mciv, const T *norm, const T *ivm, const T *sq, const T *half_log_det,       \
-        const uint8_t *bad_row, const uint8_t *bad_class, double alpha, double inv_tau,         \
-        int logdet_logits, int logdet_lkd, T *logits, T *lkd) {                                 \
-        forward_epilogue(x, label, mu, LGM_IVS(T), Shape{n, k, d, sd}, s_mciv, norm, ivm, sq,   \
-                         half_log_det, bad_row, bad_class,                                      \
+        const T *a_part, const T *s_mciv, const T *norm, const T *ivm, const T *sq,             \
+        const T *half_log_det, const uint8_t *bad_row, const uint8_t *bad_class, double alpha,  \
+        double inv_tau, int logdet_logits, int logdet_lkd, T *logits, T *lkd) {                 \
+        forward_epilogue(x, label, mu, LGM_IVS(T), Shape{n, k, d, sd}, a_part, s_mciv, norm,    \
+                         ivm, sq, half_log_det, bad_row, bad_class,                             \
                          ForwardOptions{alpha, inv_tau, logdet_logits, logdet_lkd}, logits,     \
                          lkd);                                                                  \
     }

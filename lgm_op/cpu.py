@@ -322,6 +322,8 @@ class CPUState:
         self.inputs = None
         self.saved = None
         self.owned = owned
+        # an owned state's forward: (identity of its label argument, the validated labels)
+        self.labels = None
         self.pool = _take_pool()
 
     def __del__(self):
@@ -424,7 +426,12 @@ def _entry_point(function):
 
 def numpy_matmul(a, b, out):
     """out = a @ b through NumPy's BLAS: the compiled path's matrix products unless the caller
-    gives its own (``matmul=``)."""
+    gives its own (``matmul=``). A batch (3-D) is one product per entry, each on every BLAS
+    thread."""
+    if a.ndim == 3:
+        for a_i, b_i, out_i in zip(a, b, out):
+            np.matmul(a_i, b_i, out=out_i)
+        return out
     return np.matmul(a, b, out=out)
 
 
@@ -441,8 +448,9 @@ def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None,
     state: optional :class:`CPUState` that keeps operands for the backward of these inputs;
     tmp: the call's work buffers, supplied by the entry point (not an argument for callers);
     matmul: optional ``f(a, b, out) -> out`` for the compiled path's matrix products (2-D arrays
-    of one dtype, ``a`` or ``b`` possibly transposed views): a framework's own BLAS, whose threads
-    then share the cores with its other operators (default :func:`numpy_matmul`).
+    of one dtype, ``a`` or ``b`` possibly strided or transposed views; or 3-D: a batch of two
+    such products): a framework's own BLAS, whose threads then share the cores with its other
+    operators (default :func:`numpy_matmul`).
     Returns logits: (N, K) and lkd: (N,), in the dtype of x.
     """
     lib = cpu_kernels.kernels()
@@ -669,7 +677,8 @@ class _CompiledOperands:
 
     shift: (D,) the centroid; xcx: (N, D + sd) [xc | xc^2] (isotropic: [xc | |xc|^2]) of the
     shifted features, bad rows zeroed; norm: (N,) |xc|^2; bad_row: (N,) uint8;
-    ivm: (K, sd + D) [iv | mc iv] in the input's dtype, bad classes zeroed; sq: (K,)
+    ivm: (K, D + sd) [mc iv | iv] in the input's dtype, bad classes zeroed (the halves pair
+    with xcx's: one batched product gives S = xc (mc iv)^T and A = xc^2 iv^T); sq: (K,)
     sum_j mc^2 iv; half_log_det: (K,); bad_class: (K,) uint8; iv_cache: (K, sd) float64 and
     iv_ready: (K,) the direct entries' inverse variances, computed by the passes per class on
     first use. sd is D, or 1 when isotropic.
@@ -679,7 +688,7 @@ class _CompiledOperands:
         get = pool.get
         self.shift, self.xcx = get("shift", (d,), dtype), get("xcx", (n, d + sd), dtype)
         self.norm, self.bad_row = get("norm", (n,), dtype), get("bad_row", (n,), np.uint8)
-        self.ivm, self.sq = get("ivm", (k, sd + d), dtype), get("sq", (k,), dtype)
+        self.ivm, self.sq = get("ivm", (k, d + sd), dtype), get("sq", (k,), dtype)
         self.half_log_det = get("half_log_det", (k,), dtype)
         self.bad_class = get("bad_class", (k,), np.uint8)
         self.iv_cache = get("iv_cache", (k, sd), np.float64)
@@ -728,23 +737,35 @@ def _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tm
     dtype = x.dtype
     (n, d), k, sd = x.shape, opts.num_classes, log_var.shape[1]
     y = None if label is None else lib.labels(label, k)
+    if state is not None and state.owned:
+        state.labels = None if y is None else (_identity(label), y)
     logits, lkd = (None, None) if out is None else out
     _check_arrays(opts, x, y, mu, log_var, logits=logits, lkd=lkd)
     logits = np.empty((n, k), dtype) if logits is None else logits
     lkd = np.empty(n, dtype) if lkd is None else lkd
-    # 1. A = (xc^2) iv^T into the logits, S = xc (mc iv)^T (isotropic: A = |xc|^2 iv, in the pass)
-    if not opts.isotropic:
-        matmul(ops.xcx[:, d:], ops.ivm[:, :sd].T, logits)
-    s_mciv, a_s_mciv = tmp.pointer("nk", (n, k), dtype)
-    matmul(ops.xcx[:, :d], ops.ivm[:, sd:].T, s_mciv)
+    # 1. S = xc (mc iv)^T and A = (xc^2) iv^T, one batched product of the paired halves of
+    # [xc | xc^2] and [mc iv | iv] (isotropic: S only; A = |xc|^2 iv, in the pass)
+    if opts.isotropic:
+        s_mciv, a_s_mciv = tmp.pointer("nk", (n, k), dtype)
+        matmul(ops.xcx[:, :d], ops.ivm[:, :d].T, s_mciv)
+        a_part = None
+    else:
+        sa, a_s_mciv = tmp.pointer("nk2", (2, n, k), dtype)
+        matmul(_halves(ops.xcx, d), _halves(ops.ivm, d).transpose(0, 2, 1), sa)
+        a_part = a_s_mciv + sa[0].nbytes
     # 2. the logits from the expansion, the entries it cannot give directly, lkd
     alpha = opts.margin(training) if y is not None else 0.0
     lib.call("forward_epilogue", dtype, x.ctypes.data, _address(y), mu.ctypes.data,
-             *ops.inverse_variances(log_var), n, k, d, sd, a_s_mciv, ops.a_norm,
+             *ops.inverse_variances(log_var), n, k, d, sd, a_part, a_s_mciv, ops.a_norm,
              ops.a_ivm, ops.a_sq, ops.a_half_log_det,
              ops.a_bad_row, ops.a_bad_class, alpha, 1.0 / _TAU[dtype],
              int(opts.logdet_logits), int(opts.logdet_lkd), logits.ctypes.data, lkd.ctypes.data)
     return logits, lkd
+
+
+def _halves(a, d):
+    """(2, rows, d) view of the two halves a[:, :d] and a[:, d:] of a C-contiguous (rows, 2d)."""
+    return a.reshape(a.shape[0], 2, d).transpose(1, 0, 2)
 
 
 def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, training, need,
@@ -754,7 +775,11 @@ def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, 
                                    build=_builder(lib))
     dtype = x.dtype
     (n, d), k, sd = x.shape, opts.num_classes, log_var.shape[1]
-    y = lib.labels(label, k)
+    if state is not None and state.owned and state.labels is not None and (
+            state.labels[0] == _identity(label)):
+        y = state.labels[1]     # the forward's labels, checked there
+    else:
+        y = lib.labels(label, k)
     gz = np.ascontiguousarray(grad_logits, dtype=dtype)
     gl = np.ascontiguousarray(grad_lkd, dtype=dtype)
     dx = _buffer(out[0], (n, d), dtype) if need_dx else None
@@ -778,9 +803,9 @@ def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, 
              sd, ops.a_bad_row, ops.a_bad_class, opts.margin(training),
              a_row_start, a_g, a_entry_class, a_entry_weight, a_g_col, a_gz_col)
 
-    # 2. dx = xc * (G iv) - G (mc iv) + the direct entries, from one product G [iv | mc iv]
+    # 2. dx = xc * (G iv) - G (mc iv) + the direct entries, from one product G [mc iv | iv]
     if need_dx:
-        pq, a_pq = tmp.pointer("pq", (n, sd + d), work)
+        pq, a_pq = tmp.pointer("pq", (n, d + sd), work)
         matmul(g, ops.ivm.astype(work, copy=False), pq)
         lib.call("backward_features", (dtype, work), a_x, a_mu, *ivs, n, k, d, sd, ops.a_xcx,
                  a_pq, a_row_start, a_entry_class, a_entry_weight, dx.ctypes.data)

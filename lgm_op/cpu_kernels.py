@@ -38,7 +38,7 @@ _SHAPE = (_I, _I, _I, _I)           # n, k, d, sd
 _IVS = (_P, _D, _D, _P, _P)         # log_var, logvar_min, logvar_max, iv_cache, iv_ready
 _SIGNATURES = {
     "prepare": (_P, _P, _P) + _SHAPE + (_D, _D) + (_P,) * 9,
-    "forward_epilogue": (_P, _P, _P) + _IVS + _SHAPE + (_P,) * 7 + (_D, _D, _C, _C, _P, _P),
+    "forward_epilogue": (_P, _P, _P) + _IVS + _SHAPE + (_P,) * 8 + (_D, _D, _C, _C, _P, _P),
     "backward_weights": (_P, _P, _P) + _SHAPE + (_P, _P, _D) + (_P,) * 6,
     "backward_features": (_P, _P) + _IVS + _SHAPE + (_P,) * 6,
     "backward_classes": (_P, _P, _P) + _IVS + (_P,) + _SHAPE + (_P, _P, _P, _I) + (_P,) * 5 + (

@@ -149,9 +149,12 @@ def _on_cuda(tensor):
 
 
 def _torch_matmul(a, b, out):
-    """out = a @ b for the CPU path's NumPy arrays (views, possibly transposed), by torch.mm on
-    zero-copy tensors over them."""
-    torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+    """out = a @ b for the CPU path's NumPy arrays (views, possibly strided or transposed), by
+    torch.mm, or torch.bmm for a batch (3-D), on zero-copy tensors over them. The batch of the
+    forward's two products (S and A) in one torch.bmm takes 0.83-0.95x the time of two torch.mm
+    calls at 128x100x384 to 512x10000x512, 0.3x at small sizes (MKL, 2 cores, interleaved)."""
+    product = torch.bmm if a.ndim == 3 else torch.mm
+    product(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
     return out
 
 
@@ -264,18 +267,19 @@ def lgm_backward(data: Tensor, label: Tensor, mean: Tensor, log_var: Tensor, gra
 
 
 def _backward_call(data, label, mean, log_var, grad_logits, grad_lkd, opts, training, need,
-                   state=None):
-    """The backward of both entry points: the three gradients, an empty (0,) tensor for one that
-    is not needed."""
-    grads = _backward_outputs(data, mean, log_var, need)
+                   state=None, placeholder=True):
+    """The backward of both entry points: the three gradients; for one that is not needed an
+    empty (0,) tensor (the op's schema returns three tensors), or None without ``placeholder``."""
+    grads = _backward_outputs(data, mean, log_var, need, placeholder)
     _call(_BACKWARD, (data, label, mean, log_var, grad_logits, grad_lkd), opts, training,
           need=need, out=tuple(g if wanted else None for g, wanted in zip(grads, need)),
           state=state)
     return grads
 
 
-def _backward_outputs(data, mean, log_var, need):
-    return tuple(like.new_empty(like.shape if wanted else (0,))
+def _backward_outputs(data, mean, log_var, need, placeholder=True):
+    return tuple(like.new_empty(like.shape) if wanted else
+                 (like.new_empty((0,)) if placeholder else None)
                  for like, wanted in zip((data, mean, log_var), need))
 
 
@@ -351,7 +355,11 @@ class _LGMFunction(torch.autograd.Function):
                                  opts.with_label, ctx.training, *need)
         else:
             grads = _backward_call(data, label, mean, log_var, grad_logits, grad_lkd, opts,
-                                   ctx.training, need, state=ctx.state)
+                                   ctx.training, need, state=ctx.state, placeholder=False)
+            # the operands' buffers go back now, not when the graph is collected: the next
+            # step's forward then finds the same (cache-warm) memory. A second backward
+            # (retain_graph=True) builds them again.
+            ctx.state = None
         dx, dmu, ds = (g if wanted else None for g, wanted in zip(grads, need))
         return dx, None, dmu, ds, None, None
 

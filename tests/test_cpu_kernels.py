@@ -75,7 +75,7 @@ def test_compiled_equals_numpy_path(shape, dtype, rng, seed, threading_mode):
 
 
 @pytest.mark.parametrize("keep_bytes,owned", [(None, False), (0, False), (None, True)])
-@pytest.mark.parametrize("changed", ["x", "mu", "s"])
+@pytest.mark.parametrize("changed", ["x", "mu", "s", "y"])
 def test_backward_uses_its_own_inputs(changed, keep_bytes, owned, rng, seed, monkeypatch):
     """A backward whose inputs differ from its forward's (even by one entry) computes on its own
     inputs, whether the forward saved its operands (small inputs) or not (keep_bytes=0), and for
@@ -85,7 +85,10 @@ def test_backward_uses_its_own_inputs(changed, keep_bytes, owned, rng, seed, mon
     opts = LGMOptions(num_classes=6)
     inp = make_inputs(rng, 40, 6, 9)
     other = {key: v.copy() for key, v in inp.items()}
-    other[changed].reshape(-1)[5] += 0.25
+    if changed == "y":
+        other["y"][5] = (other["y"][5] + 1) % 6
+    else:
+        other[changed].reshape(-1)[5] += 0.25
     with cpu_kernels_env("1"):
         state = CPUState(owned=owned)
         lgm_forward_cpu(inp["x"], inp["y"], inp["mu"], inp["s"], opts, True, state=state)
