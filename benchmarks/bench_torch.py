@@ -3,8 +3,9 @@
 float32, training mode, forward+backward with random upstream gradients on logits and lkd and all
 three input gradients, on identical inputs. Providers:
 
-- ``op``: ``lgm_op.torch.lgm`` (the custom op: NumPy/BLAS on CPU tensors, the CUDA kernels on
-  CUDA tensors); ``op_compile``: the same call under ``torch.compile(fullgraph=True)``;
+- ``op``: ``lgm_op.torch.lgm`` in eager mode (its autograd.Function: the compiled CPU passes and
+  PyTorch's BLAS on CPU tensors, the CUDA kernels on CUDA tensors); ``op_compile``: the same call
+  under ``torch.compile(fullgraph=True)`` (the custom op in the graph);
 - ``broadcast``: the loss broadcasting over an N x K x D tensor, differentiated by autograd
   (``bench_gpu.make_torch_loss``, as the popular PyTorch port does); ``broadcast_compile``: under
   ``torch.compile`` (Inductor fuses the N x K x D products into the reductions);
@@ -50,7 +51,7 @@ from benchmarks.bench_gpu import make_torch_loss  # noqa: E402
 OP = "op"
 # name -> (table label, N*K*D float32 tensors held at the peak of one forward+backward)
 PROVIDERS = {
-    OP: ("lgm_op.torch (custom op)", 0),
+    OP: ("lgm_op.torch, eager", 0),
     "op_compile": ("lgm_op.torch, torch.compile", 0),
     "broadcast": ("broadcast N x K x D, autograd", 5),
     "broadcast_compile": ("broadcast, torch.compile", 0),

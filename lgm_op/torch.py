@@ -322,8 +322,9 @@ class _LGMFunction(torch.autograd.Function):
     tensors. A custom op's call passes through the dispatcher twice (its autograd and its
     backend kernels, forward and backward): about 0.2 ms a step more than this Function (measured
     fwd+bwd of no-op bodies, 280-320 us against 110-120 us), which at 128 x 100 x 384 is a tenth
-    of the step. Under ``torch.compile``, for tensor subclasses (FakeTensor and the like), under
-    dispatch or function modes and for functorch transforms :func:`_apply` calls the custom op.
+    of the step. Under ``torch.compile`` and ``torch.jit.trace``, for tensor subclasses
+    (FakeTensor and the like), under dispatch or function modes and for functorch transforms
+    :func:`_apply` calls the custom op.
 
     The CPU path's operands live in a ``CPUState`` owned by this node: autograd's version checks
     guarantee the saved inputs are unchanged at the backward, so they are reused without the
@@ -370,7 +371,7 @@ _PLAIN = (Tensor, nn.Parameter)
 def _eager(tensors):
     """Whether a call on ``tensors`` may take ``_LGMFunction`` (else the custom op)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or (
-            torch._C._is_torch_function_mode_enabled()):
+            torch._C._is_torch_function_mode_enabled() or torch.jit.is_tracing()):
         return False
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or t.device.type not in ("cpu", "cuda") or

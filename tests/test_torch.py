@@ -335,6 +335,10 @@ def test_eager_calls_take_the_function_else_the_custom_op(monkeypatch, device, r
     assert any("lgm_op.lgm_forward" in str(node.target) for g in graphs for node in g.graph.nodes)
     expected, _ = lgm_torch.lgm(*args, 3)
     assert torch.equal(logits, expected)
+    traced = torch.jit.trace(lambda x, mu, s: lgm_torch.lgm(x, t["y"], mu, s, 3)[0],
+                             (t["x"], t["mu"], t["s"]), check_trace=False)
+    assert "lgm_op::lgm_forward" in str(traced.graph)
+    assert torch.equal(traced(t["x"], t["mu"], t["s"]), expected)
 
 
 @pytest.mark.parametrize("label", [True, False])
