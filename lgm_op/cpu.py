@@ -426,12 +426,7 @@ def _entry_point(function):
 
 def numpy_matmul(a, b, out):
     """out = a @ b through NumPy's BLAS: the compiled path's matrix products unless the caller
-    gives its own (``matmul=``). A batch (3-D) is one product per entry, each on every BLAS
-    thread."""
-    if a.ndim == 3:
-        for a_i, b_i, out_i in zip(a, b, out):
-            np.matmul(a_i, b_i, out=out_i)
-        return out
+    gives its own (``matmul=``)."""
     return np.matmul(a, b, out=out)
 
 
@@ -448,9 +443,9 @@ def lgm_forward_cpu(x, label, mu, log_var, opts, training, out=None, state=None,
     state: optional :class:`CPUState` that keeps operands for the backward of these inputs;
     tmp: the call's work buffers, supplied by the entry point (not an argument for callers);
     matmul: optional ``f(a, b, out) -> out`` for the compiled path's matrix products (2-D arrays
-    of one dtype, ``a`` or ``b`` possibly strided or transposed views; or 3-D: a batch of two
-    such products): a framework's own BLAS, whose threads then share the cores with its other
-    operators (default :func:`numpy_matmul`).
+    of one dtype, ``a`` or ``b`` possibly strided or transposed views; with an attribute
+    ``batched = True`` also 3-D: a batch of two such products): a framework's own BLAS, whose
+    threads then share the cores with its other operators (default :func:`numpy_matmul`).
     Returns logits: (N, K) and lkd: (N,), in the dtype of x.
     """
     lib = cpu_kernels.kernels()
@@ -743,12 +738,17 @@ def _forward_compiled(lib, x, label, mu, log_var, opts, training, out, state, tm
     _check_arrays(opts, x, y, mu, log_var, logits=logits, lkd=lkd)
     logits = np.empty((n, k), dtype) if logits is None else logits
     lkd = np.empty(n, dtype) if lkd is None else lkd
-    # 1. S = xc (mc iv)^T and A = (xc^2) iv^T, one batched product of the paired halves of
-    # [xc | xc^2] and [mc iv | iv] (isotropic: S only; A = |xc|^2 iv, in the pass)
-    if opts.isotropic:
+    # 1. S = xc (mc iv)^T and A = (xc^2) iv^T from the paired halves of [xc | xc^2] and
+    # [mc iv | iv] (isotropic: S only; A = |xc|^2 iv, in the pass). A matmul that takes a batch
+    # (``matmul.batched``) gets both as one product into one (2, N, K) buffer; otherwise A goes
+    # into the logits, which the epilogue then overwrites (no second N x K buffer)
+    if opts.isotropic or not getattr(matmul, "batched", False):
         s_mciv, a_s_mciv = tmp.pointer("nk", (n, k), dtype)
         matmul(ops.xcx[:, :d], ops.ivm[:, :d].T, s_mciv)
         a_part = None
+        if not opts.isotropic:
+            matmul(ops.xcx[:, d:], ops.ivm[:, d:].T, logits)
+            a_part = logits.ctypes.data
     else:
         sa, a_s_mciv = tmp.pointer("nk2", (2, n, k), dtype)
         matmul(_halves(ops.xcx, d), _halves(ops.ivm, d).transpose(0, 2, 1), sa)
@@ -796,7 +796,11 @@ def _backward_compiled(lib, x, label, mu, log_var, grad_logits, grad_lkd, opts, 
     entries = int(row_start[n])
     _, a_entry_class = tmp.vector("entry_class", entries, np.int64)
     _, a_entry_weight = tmp.vector("entry_weight", entries, np.float64)
-    g, a_g = tmp.pointer("nk", (n, k), work)
+    both = tmp.buffers.get("nk2")
+    if both is not None and both.shape == (2, n, k) and both.dtype == work:
+        g, a_g = both[0], tmp.addresses["nk2"]    # the forward's (2, N, K) buffer, not another
+    else:
+        g, a_g = tmp.pointer("nk", (n, k), work)
     _, a_g_col = tmp.pointer("g_col", (k,), np.float64)
     _, a_gz_col = tmp.pointer("gz_col", (k,), np.float64)
     lib.call("backward_weights", (dtype, work), gz.ctypes.data, gl.ctypes.data, a_y, n, k, d,

@@ -5,14 +5,16 @@
 
 The op ``lgm_op::lgm_forward`` (data, label or None, mean, log_var, the options, training) returns
 ``(logits, lkd)``; its backward is the op ``lgm_op::lgm_backward``. Both have fake (meta)
-implementations, so ``torch.compile(fullgraph=True)`` traces them without graph breaks. The math is
+implementations, so ``torch.compile(fullgraph=True)`` traces them without graph breaks. Eager calls
+on plain tensors take ``_LGMFunction``, an ``autograd.Function`` over the same code. The math is
 the framework-free code the MXNet operator runs:
 
 - CPU tensors: ``lgm_op.cpu`` on zero-copy NumPy views of the tensors, writing into output
-  tensors allocated by PyTorch, with its matrix products through ``torch.mm`` (PyTorch's BLAS on
-  PyTorch's threads, which then share the cores with its other operators instead of fighting
-  NumPy's BLAS threads for them); a per-thread ``CPUState`` keeps the forward's operands for the
-  backward of the same inputs;
+  tensors allocated by PyTorch, with its matrix products through ``torch.mm`` / ``torch.bmm``
+  (PyTorch's BLAS on PyTorch's threads, which then share the cores with its other operators
+  instead of fighting NumPy's BLAS threads for them); the forward's operands are kept for the
+  backward (in a ``CPUState`` owned by the autograd node in eager mode, in a per-thread one,
+  checked byte by byte, through the custom op);
 - CUDA tensors: ``lgm_op.cuda`` (the kernels of ``kernels/``, through CuPy) on zero-copy DLPack
   views, on the tensor's device and on PyTorch's current stream. Nothing is synchronised here
   but the forward's 4-byte read-back of the label check, so a bad label raises at the call.
@@ -156,6 +158,9 @@ def _torch_matmul(a, b, out):
     product = torch.bmm if a.ndim == 3 else torch.mm
     product(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
     return out
+
+
+_torch_matmul.batched = True   # lgm_op.cpu: the forward's two products as one batch
 
 
 # the CPU path's saved operands, one holder per thread (a backward on another thread, or after

@@ -126,6 +126,35 @@ def test_saved_operands_give_the_same_bits(rng, monkeypatch):
             np.testing.assert_array_equal(results[0], other, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_batched_products_give_the_same_answer(dtype, rng, seed):
+    """A matmul that takes the forward's two products as one batch (``batched = True``, as the
+    PyTorch binding's torch.bmm) gives what the two products one after the other give, and the
+    backward reusing the batch's buffer is unchanged, on odd shapes and every option set."""
+    calls = []
+
+    def batched(a, b, out):
+        calls.append(a.ndim)
+        return np.matmul(a, b, out=out)
+    batched.batched = True
+    for n, k, d in [(1, 1, 1), (7, 13, 33), (65, 11, 40)]:
+        for opts in option_sets(k):
+            inp = _cast(make_inputs(rng, n, k, d, isotropic=opts.isotropic), dtype)
+            with cpu_kernels_env("1"):
+                results = []
+                for matmul in (None, batched):
+                    logits, lkd = lgm_forward_cpu(inp["x"], inp["y"], inp["mu"], inp["s"], opts,
+                                                  True, matmul=matmul)
+                    grads = lgm_backward_cpu(inp["x"], inp["y"], inp["mu"], inp["s"], inp["gz"],
+                                             inp["gl"], opts, True, matmul=matmul)
+                    results.append((logits, lkd) + tuple(grads))
+            rtol, atol_scale = (1e-12, 1e-14) if dtype == np.float64 else (2e-5, 2e-5)
+            for name, a, b in zip(NAMES, *results):
+                assert_close(a, b, rtol, f"{name} {(n, k, d)} {opts}", seed,
+                             atol_scale=atol_scale)
+    assert 3 in calls
+
+
 def test_a_threads_own_parallel_threshold():
     """set_thread_parallel_work lowers the threshold for the calling thread only (the lower of
     it and the process-wide one applies), and 0 takes it back."""
