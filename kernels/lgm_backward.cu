@@ -55,13 +55,13 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
     constexpr int S = Blocking<T>::kStep;
     constexpr int W = Vec<T>::kWidth;
     constexpr int kLoads = kTile * S / kThreads;
-    constexpr int kGRows = kThreads / S;        // G rows one pass of loads covers
+    constexpr int kGCols = S / kLoads;          // loaders of one G row
     constexpr int kPRows = kThreads / kTile;    // pair rows one pass covers
     constexpr int kSums = 2;                    // accumulators per output: G iv, G (m iv)
-    // All three tiles run along their 64 outputs (G along samples, padded by one 16-byte word:
-    // the loaders of a warp write 16 classes of one sample, 2 per bank group); each thread reads
-    // 4 contiguous samples and 4 contiguous features (the pairs: iv and m iv).
-    __shared__ __align__(16) T g_tile[2][S][kTile + W];
+    // All three tiles run along their 64 outputs (G along samples, padded by two 16-byte words:
+    // the loaders of a warp write 8 samples of 4 classes, which then fall in different banks);
+    // each thread reads 4 contiguous samples and 4 contiguous features (the pairs: iv and m iv).
+    __shared__ __align__(16) T g_tile[2][S][kTile + 2 * W];
     __shared__ __align__(16) T first_tile[2][S][kTile];
     __shared__ __align__(16) T second_tile[2][S][kTile];
 
@@ -73,63 +73,52 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
     const int k_begin = blockIdx.z * classes_per_split;
     const int k_end = min(num_classes, k_begin + classes_per_split);
 
-    // Step 1: the rows this thread loads G for: thread t loads G[t / S + kGRows e, k0 + t % S],
-    // S consecutive classes of one row. A row past N reads row N - 1 and a class past the slice
-    // the slice's last, and a select makes them 0, so the loads need no predicates; such a row's
-    // y_load is -2, which no class matches.
-    const int g_col = tid % S;
-    const int g_row = tid / S;
-    int y_load[kLoads];
-    const T* gz_src[kLoads];
-#pragma unroll
-    for (int e = 0; e < kLoads; ++e) {
-        const int i = row0 + g_row + kGRows * e;
-        y_load[e] = i < n ? class_of_code(row_code[i]) : -2;
-        gz_src[e] = grad_logits + (long long)min(i, n - 1) * num_classes;
-    }
+    // Step 1: thread t loads G for sample row0 + t / kGCols at classes k0 + t % kGCols +
+    // kGCols e, from one row pointer. A row past N reads row N - 1: its outputs are not stored,
+    // and each row of G reaches only its own row of dx, so such a row needs no select.
+    const int g_col = tid % kGCols;
+    const int g_row = tid / kGCols;
+    const int y_load = class_of_code(row_code[min(row0 + g_row, n - 1)]);
+    const T* __restrict__ gz_src = grad_logits + (long long)min(row0 + g_row, n - 1) * num_classes;
 
     // Step 2 (SPEC 2, dx): walk the classes in steps of S with blocked summation. The pairs are
-    // loaded along features: thread t fetches feature t % 64 of classes t / 64 + kPRows e.
-    // The label column of G is 0 here (its term is added in step 3).
+    // loaded along features: thread t fetches feature t % 64 of classes t / 64 + kPRows e (a
+    // feature past D reads feature D - 1, whose outputs are not stored). The tiles hold +grad_logits
+    // (G with its sign flipped, undone in step 3) and 0 in the label column (its term is added in
+    // step 3) and past the slice's classes; the pairs are finite (a bad class's are 0), so a class
+    // past the slice, read as the slice's last, adds exactly 0. Only the slice's last tile can
+    // be partial: the fetches of the others (tail = false) need no clamps.
     const int p_col = tid % kTile;
     const int p_row = tid / kTile;
-    const bool p_in = col0 + p_col < dim;
     const P* terms = reinterpret_cast<const P*>(pairs) + min(col0 + p_col, dim - 1);
+    const long long p_stride = (long long)kPRows * dim;  // between a thread's pair rows
     T g_next[kLoads];
     P pair_next[kLoads];
-    auto fetch = [&](int k0) {
+    auto fetch = [&](int k0, bool tail) {
+        const P* p0 = terms + (long long)(k0 + p_row) * dim;
 #pragma unroll
         for (int e = 0; e < kLoads; ++e) {
-            const int k = k0 + g_col;
+            const int k = k0 + g_col + kGCols * e;
+            const T gz = gz_src[tail ? min(k, k_end - 1) : k];
+            g_next[e] = ((!tail || k < k_end) && k != y_load) ? gz : T(0);
             const int kp = k0 + p_row + kPRows * e;
-            const T gz = gz_src[e][min(k, k_end - 1)];
-            g_next[e] = (k < k_end && y_load[e] != -2 && k != y_load[e]) ? -gz : T(0);
-            const P t = terms[(long long)min(kp, k_end - 1) * dim];
-            const bool use = p_in && kp < k_end;
-            pair_next[e] = P{use ? t.x : T(0), use ? t.y : T(0)};
+            pair_next[e] = tail ? terms[(long long)min(kp, k_end - 1) * dim] : p0[e * p_stride];
         }
     };
     auto store = [&](int buf) {
 #pragma unroll
         for (int e = 0; e < kLoads; ++e) {
-            g_tile[buf][g_col][g_row + kGRows * e] = g_next[e];
+            g_tile[buf][g_col + kGCols * e][g_row] = g_next[e];
             first_tile[buf][p_row + kPRows * e][p_col] = pair_next[e].x;
             second_tile[buf][p_row + kPRows * e][p_col] = pair_next[e].y;
         }
     };
 
+    // acc: the slice's sums; part: the current block of steps (two in the main loop, at most
+    // three at the end), added to acc at its end (blocked summation).
     T acc[kSums][kPer][kPer] = {};
-    const int steps = k_end > k_begin ? (k_end - k_begin + S - 1) / S : 0;
-    if (steps) {
-        fetch(k_begin);
-        store(0);
-    }
-    __syncthreads();
-    for (int step = 0; step < steps; ++step) {
-        const int buf = step & 1;
-        const bool more = step + 1 < steps;
-        if (more) fetch(k_begin + (step + 1) * S);
-        T part[kSums][kPer][kPer] = {};
+    T part[kSums][kPer][kPer] = {};
+    auto compute = [&](int buf) {
 #pragma unroll
         for (int kk = 0; kk < S; ++kk) {
             T gv[kPer], fv[kPer], sv[kPer];
@@ -145,17 +134,49 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
                 }
             }
         }
+    };
+    auto fold = [&]() {
 #pragma unroll
         for (int q = 0; q < kSums; ++q) {
 #pragma unroll
             for (int r = 0; r < kPer; ++r) {
 #pragma unroll
-                for (int c = 0; c < kPer; ++c) acc[q][r][c] += part[q][r][c];
+                for (int c = 0; c < kPer; ++c) {
+                    acc[q][r][c] += part[q][r][c];
+                    part[q][r][c] = T(0);
+                }
             }
         }
+    };
+    const int steps = k_end > k_begin ? (k_end - k_begin + S - 1) / S : 0;
+    if (steps) {
+        fetch(k_begin, true);
+        store(0);
+    }
+    __syncthreads();
+    // Two steps an iteration while the next two tiles are full (tile `step` is in buffer 0);
+    // then the rest one at a time.
+    int step = 0;
+    for (; step + 3 < steps; step += 2) {
+        fetch(k_begin + (step + 1) * S, false);
+        compute(0);
+        store(1);
+        __syncthreads();
+        fetch(k_begin + (step + 2) * S, false);
+        compute(1);
+        store(0);
+        __syncthreads();
+        fold();
+    }
+    for (; step < steps; ++step) {
+        const int buf = step & 1;
+        const bool more = step + 1 < steps;
+        if (more) fetch(k_begin + (step + 1) * S, true);
+        compute(buf);
         if (more) store(buf ^ 1);
         __syncthreads();
     }
+    fold();
 
     // Step 3: this slice's sum: x' (G iv) - G (m iv), plus in the direct form the
     // label column's term G[i, y] (x - mu_y) iv_y (from the slice that holds y) and the terms of
@@ -186,7 +207,8 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
                     value = fma_of(g * (xij - m.x), m.y, value);
                 }
             } else {
-                value = fma_of(xij - shift[j], acc[0][r][c], -acc[1][r][c]);
+                // the tiles held -G: x' (G iv) - G (m iv) = -x' acc0 + acc1
+                value = fma_of(shift[j] - xij, acc[0][r][c], acc[1][r][c]);
                 const int yr = y[r];
                 if (yr >= k_begin && yr < k_end && !bad_class[yr]) {
                     const T g = grad_half_distance(grad_logits[(long long)i * num_classes + yr],

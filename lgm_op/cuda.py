@@ -92,13 +92,16 @@ _L = {"f32": "float", "f64": "double", "i32": "int", "i64": "long long"}
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64",
            np.dtype(np.int32): "i32", np.dtype(np.int64): "i64"}
 
+# Steps of the contracted dimension one iteration of each contraction kernel's main loop takes
+# (the loop is unrolled by that much: its shared buffers' addresses are then fixed).
+_STEPS_PER_ITERATION = {"forward": 1, "logits": 1, "backward_dx": 2, "backward_params": 1}
 # (i, k, j) updates one thread makes per iteration of each contraction kernel's tile loop, by
 # (kernel, dtype): its outputs (4 x 4; the forward's 16 x 4 of a 128- or 64-sample tile) times
 # the step.
 MAIN_LOOP_UPDATES = {
-    **{(base, t): _FORWARD_ROWS[t] // 16 * _PER * _FORWARD_STEP[t]
+    **{(base, t): _FORWARD_ROWS[t] // 16 * _PER * _FORWARD_STEP[t] * _STEPS_PER_ITERATION[base]
        for base in ("forward", "logits") for t in _T},
-    **{(base, t): _PER * _PER * _STEP[t]
+    **{(base, t): _PER * _PER * _STEP[t] * _STEPS_PER_ITERATION[base]
        for base in ("backward_dx", "backward_params") for t in _T}}
 
 # (source file, kernel, dtype, label dtype or None, name expression) of every kernel launched.
