@@ -78,16 +78,18 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_dx
     // and each row of G reaches only its own row of dx, so such a row needs no select.
     const int g_col = tid % kGCols;
     const int g_row = tid / kGCols;
-    const int y_load = class_of_code(row_code[min(row0 + g_row, n - 1)]);
-    const T* __restrict__ gz_src = grad_logits + (long long)min(row0 + g_row, n - 1) * num_classes;
+    const int g_read = min(row0 + g_row, n - 1);
+    const int y_load = class_of_code(row_code[g_read]);
+    const T* __restrict__ gz_src = grad_logits + (long long)g_read * num_classes;
 
     // Step 2 (SPEC 2, dx): walk the classes in steps of S with blocked summation. The pairs are
     // loaded along features: thread t fetches feature t % 64 of classes t / 64 + kPRows e (a
-    // feature past D reads feature D - 1, whose outputs are not stored). The tiles hold +grad_logits
-    // (G with its sign flipped, undone in step 3) and 0 in the label column (its term is added in
-    // step 3) and past the slice's classes; the pairs are finite (a bad class's are 0), so a class
-    // past the slice, read as the slice's last, adds exactly 0. Only the slice's last tile can
-    // be partial: the fetches of the others (tail = false) need no clamps.
+    // feature past D reads feature D - 1, whose outputs are not stored). The tiles hold
+    // +grad_logits (G with its sign flipped, undone in step 3) and 0 in the label column (its
+    // term is added in step 3) and past the slice's classes; the pairs are finite (a bad
+    // class's are 0), so a class past the slice, read as the slice's last, adds exactly 0. Only
+    // the slice's last tile can be partial: the fetches of the others (tail = false) need no
+    // clamps.
     const int p_col = tid % kTile;
     const int p_row = tid / kTile;
     const P* terms = reinterpret_cast<const P*>(pairs) + min(col0 + p_col, dim - 1);

@@ -6,11 +6,10 @@
 // dimension is walked in
 // steps of Blocking<T>::kStep through shared memory, two buffers deep: the next step's tile is
 // read from global memory into registers while the current one is used, and stored to the other
-// buffer after, so each step needs one barrier. The main loop takes two steps an iteration, so
-// the buffers' addresses are fixed in it, while the next two tiles are full: its loads need no
-// bounds tests (the loop over the last steps has them). Each block of steps is summed
-// separately before it is added to the running total: blocked summation, whose rounding error
-// grows like B + L / B instead of L for a contraction of length L in blocks of B.
+// buffer after, so each step needs one barrier (backward_dx takes two steps an iteration while
+// the next two tiles are full: fixed buffer addresses, no bounds tests). Each block of steps is
+// summed separately before it is added to the running total: blocked summation, whose rounding
+// error grows like B + L / B instead of L for a contraction of length L in blocks of B.
 //
 // Shared tiles are laid out so that each thread reads 16 bytes at a time (float4 / double2)
 // along the contracted dimension, or along 4 contiguous outputs; rows along which 16 threads read
