@@ -73,6 +73,15 @@ FMA_PER_UPDATE = {"forward": 2, "logits": 2, "backward_dx": 2, "backward_params"
 # The kernels that make up one training step, in the time model.
 STEP_KERNELS = ("forward", "backward_dx", "backward_params")
 FP_OPS = {"f32": ("FFMA", "FADD", "FMUL"), "f64": ("DFMA", "DADD", "DMUL")}
+# The targets the report is held to (README): forward+backward in float32 predicted within
+# TARGET_MS at TARGET_SIZE on TARGET_ARCH's GPU (about 2x the three SGEMMs there), and on every
+# arch reported each float32 contraction kernel with TARGET_MIN_BLOCKS resident blocks per SM, no
+# spills and a main-loop FP32 share of TARGET_MIN_FP_SHARE.
+TARGET_ARCH = "sm_90"
+TARGET_SIZE = "1024x10000x512"
+TARGET_MS = 1.3
+TARGET_MIN_BLOCKS = 2
+TARGET_MIN_FP_SHARE = 0.80
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -351,6 +360,40 @@ def predict(rows, sizes):
     return out
 
 
+def target_misses(rows, predictions):
+    """The targets this report misses, one line each (empty: every one is met). A report without
+    the target prediction (other sizes, or some kernels only) misses that one."""
+    misses = []
+    for r in rows:
+        loop = r.get("main_loop")
+        if not loop or r["dtype"] != "f32":
+            continue
+        what = f"{r['arch']} {r['kernel']}" + (f" (label {r['label']})" if r["label"] else "")
+        if r["blocks_per_sm"] < TARGET_MIN_BLOCKS:
+            misses.append(f"{what}: {r['blocks_per_sm']} blocks per SM < {TARGET_MIN_BLOCKS}")
+        if r["spill_stores"] or r["spill_loads"]:
+            misses.append(f"{what}: spills {r['spill_stores']}/{r['spill_loads']} bytes")
+        if loop["fp_share"] < TARGET_MIN_FP_SHARE:
+            misses.append(f"{what}: FP32 share {loop['fp_share']:.1%} < "
+                          f"{TARGET_MIN_FP_SHARE:.0%}")
+    target = [p for p in predictions if p["arch"] == TARGET_ARCH and p["size"] == TARGET_SIZE]
+    if not target:
+        misses.append(f"no prediction for {TARGET_SIZE} on {TARGET_ARCH}")
+    elif target[0]["total_ms"] > TARGET_MS:
+        misses.append(f"{TARGET_SIZE} on {GPUS[TARGET_ARCH]['gpu']}: predicted "
+                      f"{target[0]['total_ms']:.3f} ms > {TARGET_MS} ms")
+    return misses
+
+
+def targets_line(rows, predictions):
+    """One sentence on the targets: met, or what is missed."""
+    rule = (f"forward+backward at {TARGET_SIZE} on {GPUS[TARGET_ARCH]['gpu']} <= {TARGET_MS} ms; "
+            f"every float32 contraction kernel >= {TARGET_MIN_BLOCKS} blocks/SM, 0 spills, "
+            f"FP32 share >= {TARGET_MIN_FP_SHARE:.0%}")
+    misses = target_misses(rows, predictions)
+    return f"Targets ({rule}): " + ("met." if not misses else "missed: " + "; ".join(misses) + ".")
+
+
 def format_report(rows, predictions):
     lines = []
     head = ["arch", "kernel", "dtype", "label", "regs", "spill st/ld", "smem", "blocks/SM (limit)",
@@ -381,6 +424,7 @@ def format_report(rows, predictions):
                          + [f"{p['total_ms']:.3f}", f"{p['sgemm_floor_ms']:.3f}",
                             f"{p['ratio']:.2f}x"])
         lines.append(common.format_table(head, table))
+    lines += ["", targets_line(rows, predictions)]
     return "\n".join(lines)
 
 
@@ -410,6 +454,7 @@ def markdown(record):
                      + f" | {p['total_ms']:.3f} ms | {p['sgemm_floor_ms']:.3f} ms | "
                      f"{p['ratio']:.1f}x |")
     sha = (record["git"]["sha"] or "unknown")[:10]
+    lines += ["", targets_line(record["kernels"], record["predictions"])]
     lines += ["", f"From `{record['command']}` (NVRTC {record['versions']['nvrtc']}, git {sha}, "
               f"{record['date_utc'][:10]}); predicted, not measured."]
     return "\n".join(lines)

@@ -283,12 +283,13 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     constexpr int kRows = kThreads / kTile;  // sample rows one pass of loads covers
     // The tiles run along their 64 outputs; each thread reads 4 contiguous classes and 4
     // contiguous features of one sample.
-    __shared__ __align__(16) T g_tile[2][S][kTile];   // G[i0 + ., class0 + .]
-    __shared__ __align__(16) T x_tile[2][S][kTile];   // x'[i0 + ., col0 + .]
-    __shared__ __align__(16) T x2_tile[2][S][kTile];  // x'^2
-    __shared__ T gz_parts[kRows][kTile];  // per loader row, summed in order
-    __shared__ double gs_parts[kRows][kTile];
-    __shared__ T g_log_det[kTile];
+    // Two buffers of three S x 64 tiles, -G[i0 + ., class0 + .], x'[i0 + ., col0 + .] and x'^2,
+    // in one array: a thread's stores and its loads of x' and x'^2 then lie at fixed offsets
+    // from one index each, and the buffer is one more offset.
+    constexpr int kTileSize = S * kTile;
+    constexpr int kBufSize = 3 * kTileSize;
+    __shared__ __align__(16) T tiles[2 * kBufSize];
+    __shared__ double gs_parts[kRows][kTile];  // per loader row, summed in order
     __shared__ T g_sum[kTile];
     __shared__ unsigned labelled[kThreads / 32];  // for_each_marked's flags (step 3)
 
@@ -304,77 +305,104 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
 
     // Step 1 (SPEC 2, P and Q): walk the samples in steps of S with blocked summation. Thread
     // tid loads G and x at column tid % 64 of sample rows tid / 64 + kRows e (coalesced along
-    // rows of grad_logits and x) and, on the way, sums the grad_logits that enter gld and the G
-    // that enters gsum (grad_lkd enters gld in step 3). row_code: the class id of a sample, or
-    // -3 - id for one with a non-finite feature.
+    // rows of grad_logits and x) and, on the way, sums the G that enters gsum (the grad_logits
+    // that enter gld are that sum's negation plus the label's and the non-finite samples' terms,
+    // added in step 3). The tiles hold -G = +grad_logits (the sign is undone in step 3), and 0
+    // for the label and a sample with a non-finite feature. row_code: the class id of a sample,
+    // or -3 - id for one with a non-finite feature.
     const int load_col = tid % kTile;
     const int load_row = tid / kTile;
     const int k_load = class0 + load_col;
-    const bool k_in = k_load < num_classes;
-    const bool j_in = col0 + load_col < dim;
-    const T x_shift = j_in ? shift[col0 + load_col] : T(0);
-    T gz_sum = 0;
-    // gsum multiplies the means in P and Q, where the expansion cancels: summed in double, so
-    // that its rounding (a sum of N terms per loader) does not dominate theirs
-    double gs_sum = 0;
-    T g_next[kLoads], x_next[kLoads];
-    // A row past the slice reads the slice's last row, a class past K class K - 1 and a feature
-    // past D feature D - 1, and selects make them 0, so the loads need no predicates.
+    // A class past K reads class K - 1 and a feature past D feature D - 1: each column of G
+    // reaches only its own class's outputs and each column of x its own feature's, which are
+    // not stored, so neither needs a select (a class's gsum likewise). x_shift is finite.
     const int k_read = min(k_load, num_classes - 1);
     const int j_read = min(col0 + load_col, dim - 1);
-    auto fetch = [&](int i0) {
+    const T x_shift = shift[j_read];
+    // gsum multiplies the means in P and Q, where the expansion cancels: each step's kLoads
+    // terms are added in T and the steps' sums in double, so that the rounding of a sum of N
+    // terms per loader does not dominate theirs
+    double gs_sum = 0;
+    T g_next[kLoads], x_next[kLoads];
+    // The loaders' rows: full tiles (every tile but the slice's last) read them through
+    // pointers that advance a tile per fetch; the last tile reads a row past the slice as the
+    // slice's last and a select makes it 0.
+    const int row_first = i_begin + load_row;
+    const T* __restrict__ gz_src = grad_logits + (long long)row_first * num_classes + k_read;
+    const T* __restrict__ x_src = x + (long long)row_first * dim + j_read;
+    const int* __restrict__ code_src = row_code + row_first;
+    const long long gz_pass = (long long)kRows * num_classes;  // between a thread's rows
+    const long long x_pass = (long long)kRows * dim;
+    // rows_in: the rows of the tile in the slice (the first rows_in of the thread's kLoads)
+    auto take = [&](int rows_in, const T (&gz)[kLoads], const int (&code)[kLoads],
+                    const T (&xv)[kLoads]) {
+        T step_sum;
 #pragma unroll
         for (int e = 0; e < kLoads; ++e) {
-            const int i = i0 + load_row + kRows * e;
-            const bool row_in = i < i_end;
-            const int ir = min(i, i_end - 1);
-            const T gz = grad_logits[(long long)ir * num_classes + k_read];
-            const int code = row_code[ir];
-            const T xv = x[(long long)ir * dim + j_read];
             // a sample with a non-finite feature enters in step 3 only, as does the label
-            const bool expand = row_in && code >= -1;
-            const bool use = row_in && k_in;
-            const T g = (use && expand && k_load != code) ? -gz : T(0);
-            gs_sum += double(g);
-            gz_sum += use ? gz : T(0);
+            const bool expand = e < rows_in && code[e] >= -1;
+            const T g = (expand && k_load != code[e]) ? gz[e] : T(0);
+            step_sum = e ? step_sum + g : g;
             g_next[e] = g;
-            x_next[e] = (expand && j_in) ? xv - x_shift : T(0);
+            x_next[e] = expand ? xv[e] - x_shift : T(0);
         }
+        gs_sum += double(step_sum);
     };
-    auto store = [&](int buf) {
+    auto fetch_full = [&]() {
+        T gz[kLoads], xv[kLoads];
+        int code[kLoads];
+        const T* gp = gz_src;
+        const T* xp = x_src;
 #pragma unroll
         for (int e = 0; e < kLoads; ++e) {
-            g_tile[buf][load_row + kRows * e][load_col] = g_next[e];
-            x_tile[buf][load_row + kRows * e][load_col] = x_next[e];
-            x2_tile[buf][load_row + kRows * e][load_col] = x_next[e] * x_next[e];
+            gz[e] = *gp;
+            xv[e] = *xp;
+            code[e] = code_src[kRows * e];
+            gp += gz_pass;
+            xp += x_pass;
+        }
+        take(kLoads, gz, code, xv);
+        gz_src += S * (long long)num_classes;
+        x_src += S * (long long)dim;
+        code_src += S;
+    };
+    auto fetch_tail = [&](int i0) {  // the slice's last tile, which starts at sample i0
+        T gz[kLoads], xv[kLoads];
+        int code[kLoads];
+        const int avail = i_end - i0 - load_row;  // > -kRows: i0 < i_end
+#pragma unroll
+        for (int e = 0; e < kLoads; ++e) {
+            const int rr = min(kRows * e, avail - 1);  // rows from the pointers' row
+            gz[e] = gz_src[(long long)rr * num_classes];
+            code[e] = code_src[rr];
+            xv[e] = x_src[(long long)rr * dim];
+        }
+        take((avail + kRows - 1) / kRows, gz, code, xv);
+    };
+    auto store = [&](int buf_at) {
+        // row load_row + kRows e, column load_col: element tid + kThreads e of each tile
+        const int at = buf_at + tid;
+#pragma unroll
+        for (int e = 0; e < kLoads; ++e) {
+            tiles[at + kThreads * e] = g_next[e];
+            tiles[at + kTileSize + kThreads * e] = x_next[e];
+            tiles[at + 2 * kTileSize + kThreads * e] = x_next[e] * x_next[e];
         }
     };
 
     T p_acc[kPer][kPer] = {};  // S1, then P
     T q_acc[kPer][kPer] = {};  // S2, then Q
-    const int steps = i_end > i_begin ? (i_end - i_begin + S - 1) / S : 0;
-    if (steps) {
-        fetch(i_begin);
-        store(0);
-    }
-    __syncthreads();
-    for (int step = 0; step < steps; ++step) {
-        const int buf = step & 1;
-        const bool more = step + 1 < steps;
-        // Unlike the other kernels, the next tile goes to shared memory before this step
-        // computes: with 64 accumulators there is no room to hold it in registers meanwhile.
-        if (more) {
-            fetch(i_begin + (step + 1) * S);
-            store(buf ^ 1);
-        }
+    auto compute = [&](int buf_at) {
         T p_part[kPer][kPer] = {};
         T q_part[kPer][kPer] = {};
+        const int g_at = buf_at + 4 * ty;
+        const int x_at = buf_at + kTileSize + 4 * tx;
 #pragma unroll
         for (int ii = 0; ii < S; ++ii) {
             T gv[kPer], xs[kPer], x2[kPer];
-            load4(&g_tile[buf][ii][4 * ty], gv);
-            load4(&x_tile[buf][ii][4 * tx], xs);
-            load4(&x2_tile[buf][ii][4 * tx], x2);
+            load4(&tiles[g_at + kTile * ii], gv);
+            load4(&tiles[x_at + kTile * ii], xs);
+            load4(&tiles[x_at + kTileSize + kTile * ii], x2);
 #pragma unroll
             for (int r = 0; r < kPer; ++r) {
 #pragma unroll
@@ -384,6 +412,7 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
                 }
             }
         }
+        // Blocked summation: this step's S terms are summed on their own, then added.
 #pragma unroll
         for (int r = 0; r < kPer; ++r) {
 #pragma unroll
@@ -392,22 +421,45 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
                 q_acc[r][c] += q_part[r][c];
             }
         }
+    };
+    const int steps = i_end > i_begin ? (i_end - i_begin + S - 1) / S : 0;
+    if (steps > 1) {
+        fetch_full();
+        store(0);
+    } else if (steps) {
+        fetch_tail(i_begin);
+        store(0);
+    }
+    __syncthreads();
+    // Unlike the other kernels, the next tile goes to shared memory before this step computes:
+    // with 64 accumulators there is no room to hold it in registers meanwhile. The other
+    // buffer was last read in the previous step, which every thread finished before the
+    // barrier that ended it. Steps whose next tile is full first, then the last.
+    int step = 0;
+    int cur = 0;  // offset of the buffer this step computes from; the other is cur ^ kBufSize
+    for (; step + 2 < steps; ++step) {
+        fetch_full();
+        store(cur ^ kBufSize);
+        compute(cur);
+        cur ^= kBufSize;
+        __syncthreads();
+    }
+    for (; step < steps; ++step) {
+        if (step + 1 < steps) {
+            fetch_tail(i_begin + (step + 1) * S);
+            store(cur ^ kBufSize);
+        }
+        compute(cur);
+        cur ^= kBufSize;
         __syncthreads();
     }
 
-    // Step 2 (SPEC 2, gld[k], and gsum): add the four loaders' sums of each class in a fixed
-    // order.
-    gz_parts[load_row][load_col] = gz_sum;
-    gs_parts[load_row][load_col] = gs_sum;  // double: see gs_sum
+    // Step 2 (SPEC 2, gsum): add the four loaders' sums of each class in a fixed order.
+    gs_parts[load_row][load_col] = gs_sum;
     __syncthreads();
     if (tid < kTile) {
-        T gz_total = 0;
         double gs_total = 0;
-        for (int p = 0; p < kRows; ++p) {
-            gz_total += gz_parts[p][tid];
-            gs_total += gs_parts[p][tid];
-        }
-        g_log_det[tid] = -(logdet_logits ? T(0.5) : T(0)) * gz_total;
+        for (int p = 0; p < kRows; ++p) gs_total += gs_parts[p][tid];
         g_sum[tid] = T(gs_total);
     }
     __syncthreads();
@@ -432,9 +484,10 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
             const T m = mv[r][c];
+            // the tiles held -G: p_acc = -S1, q_acc = -S2 and gs = -gsum
             const T s1 = p_acc[r][c];
-            p_acc[r][c] = fma_of(-m, gs, s1);
-            q_acc[r][c] = fma_of(-m, fma_of(-m, gs, T(2) * s1), q_acc[r][c]);
+            p_acc[r][c] = fma_of(m, gs, -s1);
+            q_acc[r][c] = -fma_of(m, fma_of(m, gs, T(-2) * s1), q_acc[r][c]);
         }
     }
     // A class whose mean or log-variance is bad: every sample of the slice, directly.
@@ -467,6 +520,7 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     T p_direct[kPer][kPer] = {};
     T q_direct[kPer][kPer] = {};
     T gl_sum[kPer] = {};  // grad_lkd summed over the slice's samples of this thread's classes
+    T gz_direct[kPer] = {};  // grad_logits of the samples left out of gsum
     for_each_marked(
         i_begin, i_end, labelled,
         [&](int i) {
@@ -483,9 +537,11 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
             for (int r = 0; r < kPer; ++r) {
                 const int k = class0 + 4 * ty + r;
                 if (k == sy) gl_sum[r] += grad_lkd[si];
-                if (k >= num_classes || bad_class[k] || (!every && k != sy)) continue;
-                const T g = grad_half_distance(grad_logits[(long long)si * num_classes + k], k,
-                                               sy, grad_lkd[si], alpha);
+                if (k >= num_classes || (!every && k != sy)) continue;
+                const T gz = grad_logits[(long long)si * num_classes + k];
+                gz_direct[r] += gz;
+                if (bad_class[k]) continue;
+                const T g = grad_half_distance(gz, k, sy, grad_lkd[si], alpha);
 #pragma unroll
                 for (int c = 0; c < kPer; ++c) {
                     const int j = col0 + 4 * tx + c;
@@ -512,7 +568,11 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
 #pragma unroll
     for (int r = 0; r < kPer; ++r) {
         const int k = class0 + 4 * ty + r;
-        const T gld = fma_of(logdet_lkd ? T(0.5) : T(0), gl_sum[r], g_log_det[4 * ty + r]);
+        // gld[k] (SPEC 2): the slice's grad_logits of class k, those summed in gs and those
+        // left out
+        const T gz_total = gz_direct[r] + g_sum[4 * ty + r];
+        const T gld = fma_of(logdet_lkd ? T(0.5) : T(0), gl_sum[r],
+                             -(logdet_logits ? T(0.5) : T(0)) * gz_total);
         T bracket_sum = 0;  // isotropic: over this thread's features of the tile
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {

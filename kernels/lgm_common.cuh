@@ -3,11 +3,13 @@
 // Every kernel that contracts over N x K x D works on an output tile with 256 threads: the
 // threads form a 16 x 16 grid and each owns 4 x 4 outputs of a 64 x 64 tile (the forward in
 // float32: 8 samples x 4 classes of a 128 x 64 tile, Blocking<float>::kRowsPer). The contracted
-// dimension is walked in
-// steps of Blocking<T>::kStep through shared memory, two buffers deep: the next step's tile is
-// read from global memory into registers while the current one is used, and stored to the other
-// buffer after, so each step needs one barrier (backward_dx takes two steps an iteration while
-// the next two tiles are full: fixed buffer addresses, no bounds tests). Each block of steps is
+// dimension is walked in steps of Blocking<T>::kStep through shared memory, two buffers deep: the
+// next step's tile is read from global memory into registers while the current one is used, and
+// stored to the other buffer after (the parameter kernel, short of registers, stores it before),
+// so each step needs one barrier. Every tile but the last along the contracted dimension is full:
+// those are read with no bounds tests (the forward's and the parameter kernel's through pointers
+// that move a step per fetch; backward_dx takes two steps an iteration there, at fixed buffer
+// addresses). Each block of steps is
 // summed separately before it is added to the running total: blocked summation, whose rounding
 // error grows like B + L / B instead of L for a contraction of length L in blocks of B.
 //

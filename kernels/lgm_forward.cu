@@ -73,90 +73,95 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) forward(
     constexpr int W = Vec<T>::kWidth;
     constexpr int R = Blocking<T>::kRowsPer;  // samples per thread
     constexpr int kRowsTile = 16 * R;         // samples per tile
-    constexpr int kLoadRows = kThreads / S;   // tile rows one pass of loads covers
-    constexpr int kXLoads = kRowsTile / kLoadRows;  // x elements one thread loads per step
-    constexpr int kTLoads = kTile / kLoadRows;      // term pairs one thread loads per step
+    constexpr int kXLoads = kRowsTile * S / kThreads;  // x elements one thread loads a step
+    constexpr int kTLoads = kTile * S / kThreads;      // term pairs one thread loads a step
     // The tiles run along their outputs (samples; classes), one row per feature, padded by one
-    // 16-byte word: each thread reads R contiguous samples and 4 contiguous classes.
-    __shared__ __align__(16) T x_tile[2][S][kRowsTile + W];  // x - shift
-    __shared__ __align__(16) T a_tile[2][S][kTile + W];      // a = sqrt(iv)
-    __shared__ __align__(16) T ma_tile[2][S][kTile + W];     // -(mu - shift) a
+    // 16-byte word: each thread reads R contiguous samples and 4 contiguous classes. Two buffers
+    // of the three tiles, x - shift, a = sqrt(iv) and -(mu - shift) a, in one array: a thread's
+    // loads and stores lie at fixed offsets from a few indices, and the buffer is one offset more.
+    constexpr int kXRow = kRowsTile + W;  // row strides
+    constexpr int kTRow = kTile + W;
+    constexpr int kASize = S * kTRow;     // the a tile; the x tile takes S * kXRow
+    constexpr int kBufSize = S * kXRow + 2 * kASize;
+    __shared__ __align__(16) T tiles[2 * kBufSize];
 
     const int tx = threadIdx.x % 16;  // computes classes 4 tx + c
     const int ty = threadIdx.x / 16;  // computes samples R ty + r
     const int lane = threadIdx.x % 32;
     const int class0 = blockIdx.x * kTile;
     const int row0 = blockIdx.y * kRowsTile;
-    // Loading: thread t fetches feature t % S of tile rows t / S + kLoadRows e, so consecutive
-    // threads read consecutive features of one row. Rows past N or K load 0 (and add 0).
-    const int load_col = threadIdx.x % S;
-    const int load_row = threadIdx.x / S;
-    const T* x_row[kXLoads];  // the rows this thread loads, at its feature column
-#pragma unroll
-    for (int e = 0; e < kXLoads; ++e) {
-        // A row past N reads row N - 1 instead (its outputs are never stored), so the loads
-        // need no predicate of their own.
-        const int i = min(row0 + load_row + kLoadRows * e, n - 1);
-        x_row[e] = x + (long long)i * dim + load_col;
-    }
-    const P* terms_src =
-        reinterpret_cast<const P*>(terms) + (long long)(class0 + load_row) * dim + load_col;
-    const long long pass = (long long)kLoadRows * dim;  // elements between a thread's rows
+    // Loading: each thread fetches kXLoads consecutive features of one sample and kTLoads of
+    // one class, through one pointer per array that moves a step per fetch (the features at fixed
+    // offsets from it). A row past N reads row N - 1 and a class past K class K - 1 instead:
+    // such a row or class reaches only outputs that are never stored, so the loads need no
+    // predicate or select of their own. Features past D (the last step only) load 0 and add 0.
+    const int x_row = threadIdx.x / (S / kXLoads);
+    const int x_col = threadIdx.x % (S / kXLoads) * kXLoads;
+    const int t_row = threadIdx.x / (S / kTLoads);
+    const int t_col = threadIdx.x % (S / kTLoads) * kTLoads;
+    const T* __restrict__ x_src = x + (long long)min(row0 + x_row, n - 1) * dim + x_col;
+    const P* __restrict__ t_src = reinterpret_cast<const P*>(terms) +
+                                  (long long)min(class0 + t_row, num_classes - 1) * dim + t_col;
+    const T* __restrict__ s_src = shift + x_col;
 
     // Step 1 (SPEC 1, d[i,k]): walk D in steps of S; the next step's tiles are read into
-    // registers while this step computes.
+    // registers while this step computes. Every step but the last is full.
     T x_next[kXLoads];
     P terms_next[kTLoads];
-    auto fetch = [&](int j0) {
-        const bool in = j0 + load_col < dim;
-        const T c = in ? shift[j0 + load_col] : T(0);
+    auto fetch_full = [&]() {  // the step the pointers are at; then they move a step
+#pragma unroll
+        for (int e = 0; e < kXLoads; ++e) x_next[e] = x_src[e] - s_src[e];
+#pragma unroll
+        for (int e = 0; e < kTLoads; ++e) terms_next[e] = t_src[e];
+        x_src += S;
+        t_src += S;
+        s_src += S;
+    };
+    auto fetch_tail = [&](int j0) {  // the last step, at feature j0: past D, D - 1 and a select
 #pragma unroll
         for (int e = 0; e < kXLoads; ++e) {
-            x_next[e] = in ? x_row[e][j0] - c : T(0);
+            const int j = j0 + x_col + e;
+            const int at = min(j, dim - 1) - (j0 + x_col);
+            const T v = x_src[at] - s_src[at];
+            x_next[e] = j < dim ? v : T(0);
         }
 #pragma unroll
         for (int e = 0; e < kTLoads; ++e) {
-            const int r = load_row + kLoadRows * e;
-            terms_next[e] =
-                (in && class0 + r < num_classes) ? terms_src[e * pass + j0] : P{T(0), T(0)};
+            const int j = j0 + t_col + e;
+            const P v = t_src[min(j, dim - 1) - (j0 + t_col)];
+            terms_next[e] = j < dim ? v : P{T(0), T(0)};
         }
     };
     auto store = [&](int buf) {
+        const int at_x = buf * kBufSize + x_col * kXRow + x_row;
+        const int at_t = buf * kBufSize + S * kXRow + t_col * kTRow + t_row;
 #pragma unroll
-        for (int e = 0; e < kXLoads; ++e) {
-            x_tile[buf][load_col][load_row + kLoadRows * e] = x_next[e];
-        }
+        for (int e = 0; e < kXLoads; ++e) tiles[at_x + kXRow * e] = x_next[e];
 #pragma unroll
         for (int e = 0; e < kTLoads; ++e) {
-            const int r = load_row + kLoadRows * e;
-            a_tile[buf][load_col][r] = terms_next[e].x;
-            ma_tile[buf][load_col][r] = terms_next[e].y;
+            tiles[at_t + kTRow * e] = terms_next[e].x;
+            tiles[at_t + kASize + kTRow * e] = terms_next[e].y;
         }
     };
 
     T acc[R][kPer] = {};
-    const int steps = (dim + S - 1) / S;
-    fetch(0);
-    store(0);
-    __syncthreads();
-    for (int step = 0; step < steps; ++step) {
-        const int buf = step & 1;
-        const bool more = step + 1 < steps;
-        if (more) fetch((step + 1) * S);  // in flight while this step computes
+    auto compute = [&](int buf) {
         // Blocked summation: this step's S terms are summed on their own, then added.
         T part[R][kPer] = {};
+        const int at_x = buf * kBufSize + R * ty;
+        const int at_t = buf * kBufSize + S * kXRow + 4 * tx;
 #pragma unroll
         for (int jj = 0; jj < S; ++jj) {
             T xv[R], av[kPer], mv[kPer];
 #pragma unroll
             for (int q = 0; q < R; q += 4) {
                 T v[4];
-                load4(&x_tile[buf][jj][R * ty + q], v);
+                load4(&tiles[at_x + jj * kXRow + q], v);
 #pragma unroll
                 for (int u = 0; u < 4; ++u) xv[q + u] = v[u];
             }
-            load4(&a_tile[buf][jj][4 * tx], av);
-            load4(&ma_tile[buf][jj][4 * tx], mv);
+            load4(&tiles[at_t + jj * kTRow], av);
+            load4(&tiles[at_t + kASize + jj * kTRow], mv);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -171,8 +176,30 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) forward(
 #pragma unroll
             for (int c = 0; c < kPer; ++c) acc[r][c] += part[r][c];
         }
-        // The other buffer was last read in the previous step, which every thread finished
-        // before the barrier that ended it.
+    };
+    const int steps = (dim + S - 1) / S;
+    if (steps > 1) {
+        fetch_full();
+    } else {
+        fetch_tail(0);
+    }
+    store(0);
+    __syncthreads();
+    // The other buffer was last read in the previous step, which every thread finished before
+    // the barrier that ended it.
+    int step = 0;
+    for (; step + 2 < steps; ++step) {  // the next tile is full
+        const int buf = step & 1;
+        fetch_full();  // in flight while this step computes
+        compute(buf);
+        store(buf ^ 1);
+        __syncthreads();
+    }
+    for (; step < steps; ++step) {
+        const int buf = step & 1;
+        const bool more = step + 1 < steps;
+        if (more) fetch_tail((step + 1) * S);
+        compute(buf);
         if (more) store(buf ^ 1);
         __syncthreads();
     }

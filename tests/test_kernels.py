@@ -375,21 +375,39 @@ def test_simulator_tests_pass_under_address_sanitizer():
     assert " passed" in proc.stdout and "AddressSanitizer" not in proc.stderr, tail
 
 
-# (file, guard as written, the same without the bound): the logits store past row N, the x tile
-# load past row N (rows past N read row N - 1), the dx store past column D, the scan for the
-# entries taken in the direct form past the end of its range (lgm::for_each_marked, whose first
-# caller is dx's scan of the bad classes).
+# (file, guard as written, the same without the bound): the logits store past row N; the
+# forward's loads of the x tile past row N (rows past N read row N - 1), of the class terms past
+# class K (read as class K - 1) and of the last step's x and terms past feature D (read as
+# feature D - 1, then 0); dx's load of G and the row codes past row N and its store past column
+# D; the parameter kernel's loads of grad_logits past class K and of the last tile past the
+# slice's rows; the scan for the entries taken in the direct form past the end of its range
+# (lgm::for_each_marked, whose first caller is dx's scan of the bad classes).
 GUARDS = [
     ("lgm_forward.cu", "        if (i >= n) continue;  // rows past N: nothing to store\n", ""),
-    ("lgm_forward.cu", "const int i = min(row0 + load_row + kLoadRows * e, n - 1);",
-     "const int i = row0 + load_row + kLoadRows * e;"),
+    ("lgm_forward.cu", "(long long)min(row0 + x_row, n - 1) * dim",
+     "(long long)(row0 + x_row) * dim"),
+    ("lgm_forward.cu", "(long long)min(class0 + t_row, num_classes - 1) * dim",
+     "(long long)(class0 + t_row) * dim"),
+    ("lgm_forward.cu", "const int at = min(j, dim - 1) - (j0 + x_col);",
+     "const int at = j - (j0 + x_col);"),
+    ("lgm_forward.cu", "t_src[min(j, dim - 1) - (j0 + t_col)]", "t_src[j - (j0 + t_col)]"),
+    ("lgm_backward.cu", "const int g_read = min(row0 + g_row, n - 1);",
+     "const int g_read = row0 + g_row;"),
     ("lgm_backward.cu", "            if (j < dim) out[(long long)i * dim + j] = value;",
      "            out[(long long)i * dim + j] = value;"),
+    ("lgm_backward.cu", "const int k_read = min(k_load, num_classes - 1);",
+     "const int k_read = k_load;"),
+    ("lgm_backward.cu", "const int rr = min(kRows * e, avail - 1);", "const int rr = kRows * e;"),
     ("lgm_backward.cu", "__ballot_sync(0xffffffffu, e < end && marked(e))",
      "__ballot_sync(0xffffffffu, marked(e))"),
 ]
-# the kernel each guard belongs to, as AddressSanitizer names it
-GUARDED_KERNELS = ["lgm::forward", "lgm::forward", "lgm::backward_dx", "lgm::backward_dx"]
+# the kernel each guard belongs to, as AddressSanitizer names it, and the test's name for it
+GUARDED_KERNELS = ["lgm::forward", "lgm::forward", "lgm::forward", "lgm::forward",
+                   "lgm::forward", "lgm::backward_dx", "lgm::backward_dx", "lgm::backward_params",
+                   "lgm::backward_params", "lgm::backward_dx"]
+GUARD_IDS = ["forward_store", "forward_row_load", "forward_class_load", "forward_feature_tail_x",
+             "forward_feature_tail_terms", "dx_row_load", "dx_store", "params_class_load",
+             "params_row_load", "marked_scan"]
 
 _FAULTY_RUN = r"""
 import sys
@@ -417,7 +435,7 @@ print("no fault found")
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("file_name, guard, unguarded, kernel",
                          [g + (k,) for g, k in zip(GUARDS, GUARDED_KERNELS)],
-                         ids=["forward_store", "forward_load", "dx_store", "marked_scan"])
+                         ids=GUARD_IDS)
 def test_kernel_with_a_bounds_guard_removed_fails(file_name, guard, unguarded, kernel):
     proc = _asan_run(["-c", _FAULTY_RUN, file_name, guard, unguarded], timeout=540)
     assert proc.returncode != 0 and "no fault found" not in proc.stdout, proc.stdout[-2000:]

@@ -42,6 +42,41 @@ def test_forward_report_on_sm_90(toolchain, capsys):
     assert "class_ids" in capsys.readouterr().out
 
 
+CONTRACTIONS = ["forward", "logits", "backward_dx", "backward_params"]
+
+
+def test_kernels_meet_the_targets(toolchain):
+    """The kernels as they are now, compiled for sm_80 and sm_90: every float32 contraction kernel
+    at 2 blocks per SM, no spills and an FP32 share of 80%, and the H200 prediction at
+    1024 x 10000 x 512 within 1.3 ms (sass_report.TARGET_*)."""
+    rows = sass_report.kernel_rows(list(sass_report.ARCHS), only=CONTRACTIONS)
+    predictions = sass_report.predict(rows, [(1024, 10000, 512)])
+    assert sass_report.target_misses(rows, predictions) == []
+    assert sass_report.targets_line(rows, predictions).endswith(": met.")
+
+
+def test_target_misses_names_each_miss():
+    good = dict(arch="sm_90", kernel="forward", dtype="f32", label="i64", blocks_per_sm=2,
+                spill_stores=0, spill_loads=0, main_loop=dict(fp_share=0.8))
+    other = dict(good, kernel="backward_params", dtype="f64", label=None, blocks_per_sm=1,
+                 main_loop=dict(fp_share=0.6))  # float64 kernels are not held to the targets
+    reduction = dict(good, kernel="sum_partials", label=None, blocks_per_sm=1)  # no main loop
+    del reduction["main_loop"]
+    pred = dict(arch="sm_90", size=sass_report.TARGET_SIZE, total_ms=1.3)
+    assert sass_report.target_misses([good, other, reduction], [pred]) == []
+    for change, words in [(dict(blocks_per_sm=1), "1 blocks per SM"),
+                          (dict(spill_stores=4), "spills 4/0"),
+                          (dict(main_loop=dict(fp_share=0.799)), "FP32 share 79.9%"),
+                          (dict(arch="sm_80", spill_loads=8), "sm_80 forward (label i64)")]:
+        (miss,) = sass_report.target_misses([dict(good, **change)], [pred])
+        assert words in miss, miss
+    (miss,) = sass_report.target_misses([good], [dict(pred, total_ms=1.301)])
+    assert "predicted 1.301 ms > 1.3 ms" in miss
+    assert sass_report.target_misses([good], [dict(pred, arch="sm_80")]) == [
+        f"no prediction for {sass_report.TARGET_SIZE} on sm_90"]
+    assert "missed: " in sass_report.targets_line([good], [])
+
+
 def test_blocks_per_sm_follows_the_occupancy_rules():
     # 64 registers: 2048 per warp, 32 warps = 4 blocks of 8 warps; 114 rounds up to 120 -> 2
     assert sass_report.blocks_per_sm("sm_90", 64, 12672) == (4, "registers")
@@ -85,6 +120,8 @@ def test_readme_block_is_the_recorded_report():
     for row in record["kernels"]:
         if row["kernel"] in sass_report.STEP_KERNELS and row["dtype"] == "f32":
             assert row["spill_stores"] == row["spill_loads"] == 0 and row["blocks_per_sm"] >= 2
+    # and it meets every target (the README's block says so)
+    assert sass_report.target_misses(record["kernels"], record["predictions"]) == []
 
 
 def test_measured_times_beside_the_prediction():
