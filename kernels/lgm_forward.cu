@@ -180,10 +180,11 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) forward(
     const int steps = (dim + S - 1) / S;
     if (steps > 1) {
         fetch_full();
-    } else {
+        store(0);
+    } else if (steps) {
         fetch_tail(0);
+        store(0);
     }
-    store(0);
     __syncthreads();
     // The other buffer was last read in the previous step, which every thread finished before
     // the barrier that ended it.

@@ -375,41 +375,71 @@ def test_simulator_tests_pass_under_address_sanitizer():
     assert " passed" in proc.stdout and "AddressSanitizer" not in proc.stderr, tail
 
 
-# (file, guard as written, the same without the bound): the logits store past row N; the
-# forward's loads of the x tile past row N (rows past N read row N - 1), of the class terms past
-# class K (read as class K - 1) and of the last step's x and terms past feature D (read as
-# feature D - 1, then 0); dx's load of G and the row codes past row N and its store past column
-# D; the parameter kernel's loads of grad_logits past class K and of the last tile past the
-# slice's rows; the scan for the entries taken in the direct form past the end of its range
-# (lgm::for_each_marked, whose first caller is dx's scan of the bad classes).
+# Every bounds guard of the kernels: (test id, file, guard as written, the same without the
+# bound, the kernel AddressSanitizer names). The forward's loads of the x tile past row N (rows
+# past N read row N - 1), of the class terms past class K (read as class K - 1), of the last
+# step's x and terms past feature D (read as feature D - 1, then 0), of the labels past row N and
+# of the per-class sums past class K, and its stores past row N and class K; dx's loads of G and
+# the row codes past row N, of x past row N or column D, and its store past column D; the
+# parameter kernel's loads of grad_logits past class K, of the last tile past the slice's rows and
+# of the means past class K or feature D, and its stores past them; the per-class, per-row and
+# label kernels past K and N; the sum of the split loops' partial results past its length; lkd
+# of the label-free form past row N; the scan for the entries taken in the direct form past the
+# end of its range (lgm::for_each_marked, whose first caller is dx's scan of the bad classes).
 GUARDS = [
-    ("lgm_forward.cu", "        if (i >= n) continue;  // rows past N: nothing to store\n", ""),
-    ("lgm_forward.cu", "(long long)min(row0 + x_row, n - 1) * dim",
-     "(long long)(row0 + x_row) * dim"),
-    ("lgm_forward.cu", "(long long)min(class0 + t_row, num_classes - 1) * dim",
-     "(long long)(class0 + t_row) * dim"),
-    ("lgm_forward.cu", "const int at = min(j, dim - 1) - (j0 + x_col);",
-     "const int at = j - (j0 + x_col);"),
-    ("lgm_forward.cu", "t_src[min(j, dim - 1) - (j0 + t_col)]", "t_src[j - (j0 + t_col)]"),
-    ("lgm_backward.cu", "const int g_read = min(row0 + g_row, n - 1);",
-     "const int g_read = row0 + g_row;"),
-    ("lgm_backward.cu", "            if (j < dim) out[(long long)i * dim + j] = value;",
-     "            out[(long long)i * dim + j] = value;"),
-    ("lgm_backward.cu", "const int k_read = min(k_load, num_classes - 1);",
-     "const int k_read = k_load;"),
-    ("lgm_backward.cu", "const int rr = min(kRows * e, avail - 1);", "const int rr = kRows * e;"),
-    ("lgm_backward.cu", "__ballot_sync(0xffffffffu, e < end && marked(e))",
-     "__ballot_sync(0xffffffffu, marked(e))"),
+    ("forward_store", "lgm_forward.cu",
+     "        if (i >= n) continue;  // rows past N: nothing to store\n", "", "lgm::forward"),
+    ("forward_class_store", "lgm_forward.cu", "            if (k >= num_classes) continue;\n", "",
+     "lgm::forward"),
+    ("forward_row_load", "lgm_forward.cu", "(long long)min(row0 + x_row, n - 1) * dim",
+     "(long long)(row0 + x_row) * dim", "lgm::forward"),
+    ("forward_class_load", "lgm_forward.cu",
+     "(long long)min(class0 + t_row, num_classes - 1) * dim", "(long long)(class0 + t_row) * dim",
+     "lgm::forward"),
+    ("forward_feature_tail_x", "lgm_forward.cu", "const int at = min(j, dim - 1) - (j0 + x_col);",
+     "const int at = j - (j0 + x_col);", "lgm::forward"),
+    ("forward_feature_tail_terms", "lgm_forward.cu", "t_src[min(j, dim - 1) - (j0 + t_col)]",
+     "t_src[j - (j0 + t_col)]", "lgm::forward"),
+    ("forward_label_load", "lgm_forward.cu", "if (kWithLabel && i < n) {", "if (kWithLabel) {",
+     "lgm::forward"),
+    ("forward_sq_load", "lgm_forward.cu", "b[c] = k < num_classes ? sq[k] : T(0);", "b[c] = sq[k];",
+     "lgm::forward"),
+    ("forward_log_det_load", "lgm_forward.cu", "ld[c] = k < num_classes ? log_det[k] : T(0);",
+     "ld[c] = log_det[k];", "lgm::forward"),
+    ("lkd_rows_row", "lgm_forward.cu",
+     "    if (i >= n) return;  // the whole warp leaves together, so the shuffles below stay full\n",
+     "", "lgm::lkd_rows"),
+    ("dx_row_load", "lgm_backward.cu", "const int g_read = min(row0 + g_row, n - 1);",
+     "const int g_read = row0 + g_row;", "lgm::backward_dx"),
+    ("dx_code_load", "lgm_backward.cu", "const int code = i < n ? row_code[i] : -1;",
+     "const int code = row_code[i];", "lgm::backward_dx"),
+    ("dx_x_load", "lgm_backward.cu", "            if (i >= n || j >= dim) continue;\n", "",
+     "lgm::backward_dx"),
+    ("dx_store", "lgm_backward.cu", "            if (j < dim) out[(long long)i * dim + j] = value;",
+     "            out[(long long)i * dim + j] = value;", "lgm::backward_dx"),
+    ("params_class_load", "lgm_backward.cu", "const int k_read = min(k_load, num_classes - 1);",
+     "const int k_read = k_load;", "lgm::backward_params"),
+    ("params_row_load", "lgm_backward.cu", "const int rr = min(kRows * e, avail - 1);",
+     "const int rr = kRows * e;", "lgm::backward_params"),
+    ("params_mean_load", "lgm_backward.cu", "mv[r][c] = (k < num_classes && j < dim) ?",
+     "mv[r][c] = true ?", "lgm::backward_params"),
+    ("params_store", "lgm_backward.cu",
+     "            if (k >= num_classes || j >= dim) continue;\n", "", "lgm::backward_params"),
+    ("sum_partials_end", "lgm_backward.cu", "    if (e >= len) return;\n", "",
+     "lgm::sum_partials"),
+    ("class_terms_class", "lgm_class_terms.cu", "    if (k >= num_classes) return;", "",
+     "lgm::class_terms"),
+    ("row_flags_row", "lgm_class_terms.cu",
+     "    if (i >= n) return;  // the whole warp leaves together\n", "", "lgm::row_flags"),
+    ("class_ids_row", "lgm_class_terms.cu",
+     "    if (i < n) ids[i] = class_of(label[i], num_classes);",
+     "    ids[i] = class_of(label[i], num_classes);", "lgm::class_ids"),
+    ("marked_scan", "lgm_backward.cu", "__ballot_sync(0xffffffffu, e < end && marked(e))",
+     "__ballot_sync(0xffffffffu, marked(e))", "lgm::backward_dx"),
 ]
-# the kernel each guard belongs to, as AddressSanitizer names it, and the test's name for it
-GUARDED_KERNELS = ["lgm::forward", "lgm::forward", "lgm::forward", "lgm::forward",
-                   "lgm::forward", "lgm::backward_dx", "lgm::backward_dx", "lgm::backward_params",
-                   "lgm::backward_params", "lgm::backward_dx"]
-GUARD_IDS = ["forward_store", "forward_row_load", "forward_class_load", "forward_feature_tail_x",
-             "forward_feature_tail_terms", "dx_row_load", "dx_store", "params_class_load",
-             "params_row_load", "marked_scan"]
 
 _FAULTY_RUN = r"""
+import dataclasses
 import sys
 import numpy as np
 sys.path.insert(0, "tests")
@@ -423,21 +453,36 @@ assert text.count(guard) == 1, "the guard is not in the source"
 faulty = text.replace(guard, unguarded)
 real_source = cuda._source
 cuda._source = lambda name: (faulty, source_hash(faulty)) if name == file_name else real_source(name)
-n, k, d = 70, 66, 37  # none a multiple of the 64-wide tiles
-inp = make_inputs(np.random.default_rng(0), n, k, d)
-opts = LGMOptions(num_classes=k)
-cuda.lgm_forward_cuda(inp["x"], inp["y"], inp["mu"], inp["s"], opts, True)
-cuda.lgm_backward_cuda(inp["x"], inp["y"], inp["mu"], inp["s"], inp["gz"], inp["gl"], opts, True)
+# none a multiple of the 64-wide tiles; the second splits the parameters' loop over samples
+for n, k, d in [(70, 66, 37), (700, 5, 37)]:
+    inp = make_inputs(np.random.default_rng(0), n, k, d)
+    opts = LGMOptions(num_classes=k)
+    cuda.lgm_forward_cuda(inp["x"], inp["y"], inp["mu"], inp["s"], opts, True)
+    cuda.lgm_backward_cuda(inp["x"], inp["y"], inp["mu"], inp["s"], inp["gz"], inp["gl"], opts,
+                           True)
+    cuda.lgm_forward_cuda(inp["x"], None, inp["mu"], inp["s"],
+                          dataclasses.replace(opts, with_label=False), True)
 print("no fault found")
 """
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("file_name, guard, unguarded, kernel",
-                         [g + (k,) for g, k in zip(GUARDS, GUARDED_KERNELS)],
-                         ids=GUARD_IDS)
-def test_kernel_with_a_bounds_guard_removed_fails(file_name, guard, unguarded, kernel):
-    proc = _asan_run(["-c", _FAULTY_RUN, file_name, guard, unguarded], timeout=540)
+@pytest.fixture(scope="module")
+def guard_runs():
+    """The faulty runs of every guard, side by side on the machine's cores (each compiles its
+    kernel file under AddressSanitizer): {test id: completed process}."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=max(1, min(len(GUARDS), os.cpu_count() or 1))) as pool:
+        runs = {gid: pool.submit(_asan_run, ["-c", _FAULTY_RUN, f, guard, unguarded], 840)
+                for gid, f, guard, unguarded, _ in GUARDS}
+        return {gid: run.result() for gid, run in runs.items()}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("gid, file_name, guard, unguarded, kernel", GUARDS,
+                         ids=[g[0] for g in GUARDS])
+def test_kernel_with_a_bounds_guard_removed_fails(guard_runs, gid, file_name, guard, unguarded,
+                                                  kernel):
+    proc = guard_runs[gid]
     assert proc.returncode != 0 and "no fault found" not in proc.stdout, proc.stdout[-2000:]
     # a heap overflow, or a use after free where the stray access lands in freed memory, reported
     # inside the kernel that lost its guard
