@@ -9,6 +9,9 @@ DEMO = ["mlxtend>=0.23", "scikit-learn>=1.0", "matplotlib>=3.7", "tqdm>=4.60"]
 # cuobjdump (and the nvdisasm it runs) for benchmarks/sass_report.py, which the tests run (no GPU
 # needed)
 SASS_TOOLS = ["nvidia-cuda-cuobjdump>=13.0,<14", "nvidia-cuda-nvdisasm>=13.0,<14"]
+# The NVRTC the recorded report was compiled with: the tests hold the kernels as compiled to the
+# report's targets, and another compiler schedules them differently
+REPORT_COMPILER = ["nvidia-cuda-nvrtc-cu12==12.9.86"]
 # lgm_op.torch: PyTorch's CPU build, pinned to its file (the plain version on PyPI is the CUDA
 # build of several GB; on a GPU machine install the matching CUDA build of torch instead)
 TORCH = ["torch==2.13.0+cpu"]
@@ -35,6 +38,7 @@ setup(
         "cu11": CUDA11_RUNTIME,
         "demo": DEMO,
         "torch": TORCH,
-        "test": ["pytest>=7", "pytest-timeout>=2.1"] + DEMO + CUDA_RUNTIME + SASS_TOOLS + TORCH,
+        "test": ["pytest>=7", "pytest-timeout>=2.1"] + DEMO + CUDA_RUNTIME + REPORT_COMPILER
+        + SASS_TOOLS + TORCH,
     },
 )
