@@ -23,6 +23,7 @@ full waves of blocks_per_SM blocks per SM (the partial last wave costs a full on
 main-loop instructions count (prologue, epilogue, memory stalls and the small reduction kernels
 are left out), so it is a lower bound for these kernels as compiled. The SGEMM floor is the same
 model for three GEMMs of the same shapes at one FFMA per update, no tail. Constants: ``GPUS``.
+The report ends with the targets it is held to (``TARGET_*``): met, or each miss.
 
     python benchmarks/sass_report.py                       # prints the tables
     python benchmarks/sass_report.py --out benchmarks/results/sass_report   # + .json and .md

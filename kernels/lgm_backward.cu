@@ -436,7 +436,9 @@ __global__ void __launch_bounds__(kThreads, Blocking<T>::kMinBlocks) backward_pa
     // buffer was last read in the previous step, which every thread finished before the
     // barrier that ended it. Steps whose next tile is full first, then the last.
     int step = 0;
-    int cur = 0;  // offset of the buffer this step computes from; the other is cur ^ kBufSize
+    // offset of the buffer this step computes from, the other being cur ^ kBufSize (toggled
+    // rather than formed from step: two instructions fewer a step)
+    int cur = 0;
     for (; step + 2 < steps; ++step) {
         fetch_full();
         store(cur ^ kBufSize);

@@ -9,9 +9,9 @@
 // so each step needs one barrier. Every tile but the last along the contracted dimension is full:
 // those are read with no bounds tests (the forward's and the parameter kernel's through pointers
 // that move a step per fetch; backward_dx takes two steps an iteration there, at fixed buffer
-// addresses). Each block of steps is
-// summed separately before it is added to the running total: blocked summation, whose rounding
-// error grows like B + L / B instead of L for a contraction of length L in blocks of B.
+// addresses). Each block of steps is summed separately before it is added to the running total:
+// blocked summation, whose rounding error grows like B + L / B instead of L for a contraction of
+// length L in blocks of B.
 //
 // Shared tiles are laid out so that each thread reads 16 bytes at a time (float4 / double2)
 // along the contracted dimension, or along 4 contiguous outputs; rows along which 16 threads read
